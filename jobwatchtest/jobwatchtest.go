@@ -1,0 +1,259 @@
+// Package jobwatchtest gives integration tests a fresh, empty PostgreSQL
+// database with nothing to set up.
+//
+// The server comes from the first of these that works:
+//
+//  1. TEST_DATABASE_URL, when it is set (it must work: a broken value fails
+//     the test rather than quietly using something else);
+//  2. a server already answering at pgx's defaults (the PG* variables, the
+//     local socket, localhost:5432);
+//  3. an ephemeral cluster made from locally installed PostgreSQL binaries
+//     (pg_config --bindir, /usr/lib/postgresql/*/bin or PATH): initdb into a
+//     temporary directory, started on a free port with fsync off, shared by
+//     every test of the process and removed by Main when they end;
+//  4. a PostgreSQL container started with testcontainers-go when a Docker
+//     engine answers.
+//
+// When none works the test fails with a message listing what was tried and
+// how to fix it; it never skips.
+//
+// Use it from TestMain so the ephemeral cluster or container is removed at
+// the end:
+//
+//	func TestMain(m *testing.M) { jobwatchtest.Main(m) }
+package jobwatchtest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// EnvVar names the variable that points the tests at a server.
+const EnvVar = "TEST_DATABASE_URL"
+
+var (
+	serverOnce sync.Once
+	serverURL  string
+	serverErr  error
+
+	mainMu     sync.Mutex
+	mainCalled bool
+	stoppers   []func()
+)
+
+// Main runs the tests of m and then stops whatever server this package
+// started (an ephemeral cluster or a container), and exits with the tests'
+// exit code. Call it from TestMain.
+func Main(m *testing.M) {
+	mainMu.Lock()
+	mainCalled = true
+	mainMu.Unlock()
+	code := m.Run()
+	Stop()
+	os.Exit(code)
+}
+
+// Stop stops and removes whatever server this package started. Main calls
+// it; call it yourself from a TestMain that does not use Main.
+func Stop() {
+	mainMu.Lock()
+	s := stoppers
+	stoppers = nil
+	mainMu.Unlock()
+	for i := len(s) - 1; i >= 0; i-- {
+		s[i]()
+	}
+}
+
+func registerStop(f func()) {
+	mainMu.Lock()
+	stoppers = append(stoppers, f)
+	mainMu.Unlock()
+}
+
+// ServerURL returns the connection string of the server databases are made
+// on, finding or starting it on first use. It fails t when there is none.
+func ServerURL(t testing.TB) string {
+	t.Helper()
+	serverOnce.Do(func() { serverURL, serverErr = findServer() })
+	if serverErr != nil {
+		t.Fatal(serverErr)
+	}
+	return serverURL
+}
+
+// NewDatabaseURL creates a fresh, empty database for t and returns its
+// connection string. The database is dropped (WITH (FORCE)) when t ends.
+// Safe to call from parallel tests.
+func NewDatabaseURL(t testing.TB) string {
+	t.Helper()
+	admin := ServerURL(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	var b [6]byte
+	_, _ = rand.Read(b[:])
+	name := "jobwatchtest_" + hex.EncodeToString(b[:])
+	conn, err := pgx.Connect(ctx, admin)
+	if err != nil {
+		t.Fatalf("jobwatchtest: connect to %s: %v", redact(admin), err)
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name+" TEMPLATE template0"); err != nil {
+		t.Fatalf("jobwatchtest: create database: %v", err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, admin)
+		if err != nil {
+			t.Errorf("jobwatchtest: drop database %s: %v", name, err)
+			return
+		}
+		defer conn.Close(ctx)
+		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
+			t.Errorf("jobwatchtest: drop database %s: %v", name, err)
+		}
+	})
+	u, err := withDatabase(admin, name)
+	if err != nil {
+		t.Fatalf("jobwatchtest: %v", err)
+	}
+	return u
+}
+
+// NewDatabase creates a fresh, empty database for t and returns a pool on
+// it. The pool is closed and the database dropped when t ends. Safe to call
+// from parallel tests.
+func NewDatabase(t testing.TB) *pgxpool.Pool {
+	t.Helper()
+	u := NewDatabaseURL(t)
+	pool, err := pgxpool.New(context.Background(), u)
+	if err != nil {
+		t.Fatalf("jobwatchtest: open pool: %v", err)
+	}
+	t.Cleanup(pool.Close) // runs before the drop, registered earlier
+	return pool
+}
+
+// JobTableSQL returns the statements that create an IHP-shaped job table
+// (and the job_status type, if missing) under tableName, which is used as
+// written, so quote it if it needs quoting.
+func JobTableSQL(tableName string) string {
+	return `DO $$ BEGIN
+	CREATE TYPE job_status AS ENUM ('job_status_not_started', 'job_status_running',
+		'job_status_failed', 'job_status_timed_out', 'job_status_succeeded', 'job_status_retry');
+EXCEPTION WHEN duplicate_object THEN NULL;
+END $$;
+CREATE TABLE IF NOT EXISTS ` + tableName + ` (
+	id UUID DEFAULT gen_random_uuid() PRIMARY KEY NOT NULL,
+	created_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL,
+	updated_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL,
+	status job_status DEFAULT 'job_status_not_started' NOT NULL,
+	last_error TEXT DEFAULT NULL,
+	attempts_count INT DEFAULT 0 NOT NULL,
+	locked_at TIMESTAMP WITH TIME ZONE DEFAULT NULL,
+	locked_by UUID DEFAULT NULL,
+	run_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL
+);`
+}
+
+// CreateJobTable creates an IHP-shaped job table (see JobTableSQL) in the
+// pool's database, failing t on error.
+func CreateJobTable(t testing.TB, pool *pgxpool.Pool, tableName string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := pool.Exec(ctx, JobTableSQL(tableName)); err != nil {
+		t.Fatalf("jobwatchtest: create job table %s: %v", tableName, err)
+	}
+}
+
+// withDatabase returns connString pointing at database name.
+func withDatabase(connString, name string) (string, error) {
+	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+		u, err := url.Parse(connString)
+		if err != nil {
+			return "", fmt.Errorf("parse %s: %w", redact(connString), err)
+		}
+		u.Path = "/" + name
+		return u.String(), nil
+	}
+	return strings.TrimSpace(connString+" dbname="+name), nil
+}
+
+// redact hides a password in a URL for messages.
+func redact(connString string) string {
+	if u, err := url.Parse(connString); err == nil && u.User != nil {
+		if _, ok := u.User.Password(); ok {
+			u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			return u.String()
+		}
+	}
+	return connString
+}
+
+// findServer tries each source in turn and returns the first that works,
+// or one error that says what was tried.
+func findServer() (string, error) {
+	if u, ok := os.LookupEnv(EnvVar); ok && u != "" {
+		if err := ping(u); err != nil {
+			return "", fmt.Errorf("jobwatchtest: %s=%s does not answer: %v", EnvVar, redact(u), err)
+		}
+		return u, nil
+	}
+	var tried []string
+	if err := ping(""); err == nil {
+		return "", nil
+	} else {
+		tried = append(tried, fmt.Sprintf("a server at pgx's defaults (PG* variables, local socket, localhost:5432): %v", err))
+	}
+	u, err := startEphemeral()
+	if err == nil {
+		return u, nil
+	}
+	tried = append(tried, "an ephemeral cluster from local PostgreSQL binaries: "+err.Error())
+	u, err = startContainer()
+	if err == nil {
+		return u, nil
+	}
+	tried = append(tried, "a testcontainers-go PostgreSQL container: "+err.Error())
+	return "", errors.New("jobwatchtest: no PostgreSQL server for the tests. Tried:\n  - " +
+		strings.Join(tried, "\n  - ") +
+		"\nFix: set " + EnvVar + " (for example postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable), " +
+		"start a local server, install PostgreSQL (apt-get install postgresql), or start a Docker engine.")
+}
+
+func ping(connString string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	cfg, err := pgx.ParseConfig(connString)
+	if err != nil {
+		return err
+	}
+	conn, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	// The admin connection must be able to create databases.
+	var ok bool
+	if err := conn.QueryRow(ctx, "SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user").Scan(&ok); err != nil {
+		return err
+	}
+	if !ok {
+		return errors.New("the role cannot create databases")
+	}
+	return nil
+}

@@ -1,0 +1,87 @@
+package jobwatch
+
+import (
+	"log/slog"
+	"time"
+)
+
+// Option configures a Listener or a watch/poll call. Options that do not
+// apply to a call are ignored by it.
+type Option func(*options)
+
+type options struct {
+	logger              *slog.Logger
+	jitter              time.Duration
+	healthCheckInterval time.Duration
+	healthCheckTimeout  time.Duration
+	dropLogInterval     time.Duration
+}
+
+const (
+	defaultJitter              = 2 * time.Second
+	defaultHealthCheckInterval = 10 * time.Second
+	defaultHealthCheckTimeout  = 5 * time.Second
+	defaultDropLogInterval     = 10 * time.Second
+)
+
+func buildOptions(opts []Option) options {
+	o := options{
+		logger:              slog.Default(),
+		jitter:              defaultJitter,
+		healthCheckInterval: defaultHealthCheckInterval,
+		healthCheckTimeout:  defaultHealthCheckTimeout,
+		dropLogInterval:     defaultDropLogInterval,
+	}
+	for _, opt := range opts {
+		if opt != nil {
+			opt(&o)
+		}
+	}
+	if o.logger == nil {
+		o.logger = slog.Default()
+	}
+	if o.jitter < 0 {
+		o.jitter = 0
+	}
+	if o.healthCheckTimeout <= 0 {
+		o.healthCheckTimeout = defaultHealthCheckTimeout
+	}
+	if o.dropLogInterval <= 0 {
+		o.dropLogInterval = defaultDropLogInterval
+	}
+	return o
+}
+
+// WithLogger sets the logger for errors and notable events (trigger repairs,
+// reconnects, a full wake channel). The default is slog.Default(); nil keeps
+// the default.
+func WithLogger(logger *slog.Logger) Option {
+	return func(o *options) { o.logger = logger }
+}
+
+// WithJitter sets the largest random delay added to each poll interval, so
+// that many processes started together do not poll in step. The default is
+// 2s, as in IHP; 0 turns jitter off.
+func WithJitter(max time.Duration) Option {
+	return func(o *options) { o.jitter = max }
+}
+
+// WithHealthCheck sets how often a Listener proves its connection alive by
+// sending a NOTIFY to a private channel and receiving it back, and how long
+// it waits for that round trip before it drops the connection and
+// reconnects. A silently dead connection (no RST: a firewall, a failover)
+// is noticed within interval+timeout; the default is 10s+5s. An interval of
+// 0 or less turns the check off.
+func WithHealthCheck(interval, timeout time.Duration) Option {
+	return func(o *options) {
+		o.healthCheckInterval = interval
+		o.healthCheckTimeout = timeout
+	}
+}
+
+// WithDropLogInterval sets how often, at most, a watch or poller logs that
+// the caller's wake channel was full (with the number of wake-ups dropped
+// since the last such line). The default is 10s.
+func WithDropLogInterval(d time.Duration) Option {
+	return func(o *options) { o.dropLogInterval = d }
+}

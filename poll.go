@@ -1,0 +1,328 @@
+package jobwatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Errors returned (wrapped) for bad arguments to PollForJob and the watch
+// functions.
+var (
+	// ErrNilChannel is returned for a nil wake channel.
+	ErrNilChannel = errors.New("nil wake channel")
+	// ErrUnbufferedChannel is returned for a wake channel without a buffer:
+	// the library never blocks on it, so an unbuffered channel would drop
+	// nearly every wake-up.
+	ErrUnbufferedChannel = errors.New("unbuffered wake channel")
+	// ErrInvalidPollInterval is returned for a poll interval of zero or less.
+	ErrInvalidPollInterval = errors.New("poll interval must be positive")
+)
+
+// pendingCondition is the spec's definition of a job that can run now.
+const pendingCondition = `status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at <= now()`
+
+// Poller checks a job table for pending jobs at an interval, and at the
+// moment the earliest job scheduled for later becomes due. Stop it with
+// Close or by cancelling the context it was started with.
+type Poller struct {
+	pool     *pgxpool.Pool
+	names    names
+	interval time.Duration
+	wake     chan<- Message
+	repair   bool
+	opts     options
+	log      *slog.Logger
+	query    string
+
+	cancel context.CancelFunc
+	done   chan struct{}
+	kick   chan struct{} // buffered(1): re-read pollNow/scheduled
+
+	mu        sync.Mutex
+	pollNow   bool
+	scheduled time.Time // when the earliest known future job is due; zero if none
+
+	stats *counters
+}
+
+// PollForJob checks tableName every pollInterval plus a random jitter (up to
+// 2s by default, see WithJitter) for pending jobs, the first time at once,
+// and sends one JobAvailable per pending job, as many as wake has room
+// for, never blocking. It also learns when the earliest job scheduled for
+// later is due and checks again at that moment, so such a job is woken on
+// time rather than at the next interval. Errors are logged and polling
+// goes on (a dropped and recreated table recovers by itself). With repair,
+// it re-creates missing notification triggers after each poll.
+//
+// It returns an error, and starts nothing, for a nil pool, an invalid table
+// name, a nil or unbuffered channel or a poll interval that is not positive.
+func PollForJob(ctx context.Context, repair bool, pool *pgxpool.Pool, tableName string,
+	pollInterval time.Duration, wake chan<- Message, opts ...Option) (*Poller, error) {
+	n, err := validate(pool, tableName, pollInterval, wake)
+	if err != nil {
+		return nil, err
+	}
+	o := buildOptions(opts)
+	return startPoller(ctx, repair, pool, n, pollInterval, wake, o, newCounters(n, wake, o)), nil
+}
+
+func validate(pool *pgxpool.Pool, tableName string, pollInterval time.Duration, wake chan<- Message) (names, error) {
+	n, err := deriveNames(tableName)
+	if err != nil {
+		return n, fmt.Errorf("jobwatch: %w", err)
+	}
+	switch {
+	case pool == nil:
+		return n, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrNilPool)
+	case wake == nil:
+		return n, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrNilChannel)
+	case cap(wake) == 0:
+		return n, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrUnbufferedChannel)
+	case pollInterval <= 0:
+		return n, fmt.Errorf("jobwatch: watch %s: %w (got %v)", tableName, ErrInvalidPollInterval, pollInterval)
+	}
+	return n, nil
+}
+
+func startPoller(ctx context.Context, repair bool, pool *pgxpool.Pool, n names, interval time.Duration,
+	wake chan<- Message, o options, stats *counters) *Poller {
+	ctx, cancel := context.WithCancel(ctx)
+	table := n.table.quoted()
+	p := &Poller{
+		pool:     pool,
+		names:    n,
+		interval: interval,
+		wake:     wake,
+		repair:   repair,
+		opts:     o,
+		log:      o.logger,
+		cancel:   cancel,
+		done:     make(chan struct{}),
+		kick:     make(chan struct{}, 1),
+		stats:    stats,
+		query: `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingCondition + ` LIMIT $1) p),
+		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + `
+		  WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at > now())`,
+	}
+	go p.run(ctx)
+	return p
+}
+
+// Close stops the poller and waits for its goroutine to exit. It is
+// idempotent.
+func (p *Poller) Close() error {
+	if p == nil {
+		return nil
+	}
+	p.cancel()
+	<-p.done
+	return nil
+}
+
+// Stats returns the poller's counters.
+func (p *Poller) Stats() Stats { return p.stats.snapshot() }
+
+// pollSoon asks for a poll now.
+func (p *Poller) pollSoon() {
+	p.mu.Lock()
+	p.pollNow = true
+	p.mu.Unlock()
+	p.signal()
+}
+
+// scheduleIn asks for a poll after d unless one is already due sooner.
+func (p *Poller) scheduleIn(d time.Duration) {
+	at := time.Now().Add(d)
+	p.mu.Lock()
+	if !p.scheduled.IsZero() && !at.Before(p.scheduled) {
+		p.mu.Unlock()
+		return
+	}
+	p.scheduled = at
+	p.mu.Unlock()
+	p.signal()
+}
+
+func (p *Poller) signal() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+func (p *Poller) run(ctx context.Context) {
+	defer close(p.done)
+	timer := time.NewTimer(0)
+	defer timer.Stop()
+	nextInterval := time.Now()
+	for {
+		now := time.Now()
+		p.mu.Lock()
+		due := p.pollNow || !now.Before(nextInterval) || (!p.scheduled.IsZero() && !now.Before(p.scheduled))
+		if due {
+			p.pollNow = false
+			p.scheduled = time.Time{}
+		}
+		wakeAt := nextInterval
+		if !p.scheduled.IsZero() && p.scheduled.Before(wakeAt) {
+			wakeAt = p.scheduled
+		}
+		p.mu.Unlock()
+
+		if due {
+			if !now.Before(nextInterval) {
+				nextInterval = now.Add(p.interval + p.jitter())
+			}
+			p.poll(ctx)
+			if ctx.Err() != nil {
+				return
+			}
+			if p.repair {
+				p.repairTriggers(ctx)
+			}
+			continue
+		}
+
+		timer.Reset(time.Until(wakeAt))
+		select {
+		case <-ctx.Done():
+			return
+		case <-timer.C:
+		case <-p.kick:
+			if !timer.Stop() {
+				select {
+				case <-timer.C:
+				default:
+				}
+			}
+		}
+	}
+}
+
+func (p *Poller) jitter() time.Duration {
+	if p.opts.jitter <= 0 {
+		return 0
+	}
+	return rand.N(p.opts.jitter)
+}
+
+// poll counts pending jobs, at most as many as wake has room for, sends that
+// many JobAvailable, and schedules the next poll for the earliest future job.
+func (p *Poller) poll(ctx context.Context) {
+	p.stats.polls.Add(1)
+	free := cap(p.wake) - len(p.wake)
+	var count int64
+	var next *float64
+	err := p.pool.QueryRow(ctx, p.query, free).Scan(&count, &next)
+	if err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		p.stats.pollErrors.Add(1)
+		p.stats.setError(err)
+		p.log.Error("jobwatch: poll failed", "table", p.names.table.raw, "error", err)
+		return
+	}
+	p.stats.wake(count)
+	if next != nil {
+		p.scheduleIn(time.Duration(*next * float64(time.Second)))
+	}
+}
+
+func (p *Poller) repairTriggers(ctx context.Context) {
+	installed, err := ensureTriggers(ctx, p.pool, p.names, p.log)
+	switch {
+	case err == nil:
+		if installed {
+			p.stats.repairs.Add(1)
+		}
+	case ctx.Err() != nil:
+	case errors.Is(err, ErrTriggersBusy):
+		p.log.Info("jobwatch: trigger repair deferred", "table", p.names.table.raw, "error", err)
+	default:
+		p.stats.setError(err)
+		p.log.Error("jobwatch: trigger repair failed", "table", p.names.table.raw, "error", err)
+	}
+}
+
+// Stats is a snapshot of a Watch's or Poller's counters, for metrics.
+type Stats struct {
+	Notifications  uint64    // notifications received on the table's channel
+	WakeupsSent    uint64    // JobAvailable messages put on the wake channel
+	WakeupsDropped uint64    // JobAvailable messages dropped because the channel was full
+	Polls          uint64    // polls run
+	PollErrors     uint64    // polls that failed
+	TriggerRepairs uint64    // times missing triggers were re-created
+	LastError      error     // the last poll, install or repair error; nil if none
+	LastErrorAt    time.Time // when LastError happened
+}
+
+// counters is the live state behind Stats, shared by a Watch and its Poller.
+type counters struct {
+	wakeCh        chan<- Message
+	notifications atomic.Uint64
+	sent          atomic.Uint64
+	polls         atomic.Uint64
+	pollErrors    atomic.Uint64
+	repairs       atomic.Uint64
+	lastErr       atomic.Pointer[timedError]
+	drops         *dropReporter
+}
+
+func newCounters(n names, wake chan<- Message, o options) *counters {
+	log := o.logger
+	table := n.table.raw
+	return &counters{
+		wakeCh: wake,
+		drops: &dropReporter{
+			interval: o.dropLogInterval,
+			report: func(dropped uint64) {
+				log.Warn("jobwatch: wake channel full, wake-ups dropped", "table", table, "dropped", dropped)
+			},
+		},
+	}
+}
+
+// wake sends up to n JobAvailable without blocking.
+func (c *counters) wake(n int64) {
+	var sent, dropped uint64
+	for range n {
+		if trySend(c.wakeCh, JobAvailable) {
+			sent++
+		} else {
+			dropped = uint64(n) - sent
+			break
+		}
+	}
+	c.sent.Add(sent)
+	if dropped > 0 {
+		c.drops.dropped(dropped)
+	}
+}
+
+func (c *counters) setError(err error) {
+	c.lastErr.Store(&timedError{err: err, at: time.Now()})
+}
+
+func (c *counters) snapshot() Stats {
+	s := Stats{
+		Notifications:  c.notifications.Load(),
+		WakeupsSent:    c.sent.Load(),
+		WakeupsDropped: c.drops.total.Load(),
+		Polls:          c.polls.Load(),
+		PollErrors:     c.pollErrors.Load(),
+		TriggerRepairs: c.repairs.Load(),
+	}
+	if e := c.lastErr.Load(); e != nil {
+		s.LastError, s.LastErrorAt = e.err, e.at
+	}
+	return s
+}

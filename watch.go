@@ -1,0 +1,176 @@
+// Package jobwatch tells a PostgreSQL-backed job runner when there is work.
+//
+// It installs statement-level AFTER INSERT and AFTER UPDATE triggers on a
+// job table that NOTIFY a per-table channel, shares one LISTEN connection
+// (a Listener) between every table a process watches, and runs a poller
+// that finds what notifications cannot: jobs whose run_at passes later,
+// and notifications lost while disconnected. Both put non-blocking
+// JobAvailable messages on a buffered channel the caller owns; fetching and
+// running the jobs stays with the caller.
+//
+// It is a Go port of IHP's IHP.Job.Queue.Watch and IHP.PGListener and uses
+// IHP's channel, function and trigger names, so Go and IHP workers can share
+// a table.
+package jobwatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Message is what the watcher puts on the caller's wake channel.
+type Message int
+
+const (
+	// JobAvailable means a job may be ready: try to fetch one.
+	JobAvailable Message = iota + 1
+	// Stop is never sent by the library; it is for callers' own use, for
+	// example to tell their workers to shut down.
+	Stop
+)
+
+// String returns the message's name.
+func (m Message) String() string {
+	switch m {
+	case JobAvailable:
+		return "JobAvailable"
+	case Stop:
+		return "Stop"
+	}
+	return "Message(" + strconv.Itoa(int(m)) + ")"
+}
+
+// Watch is a running watch on one job table: a Listener subscription and a
+// Poller. Stop it with Close or by cancelling the context it was started
+// with.
+type Watch struct {
+	listener        *Listener
+	sub             *Subscription
+	poller          *Poller
+	removeReconnect func()
+	stopAfter       func() bool
+	stats           *counters
+
+	closeOnce sync.Once
+}
+
+// WatchForJob is WatchForJobWithPollerTriggerRepair with repair on.
+func WatchForJob(ctx context.Context, pool *pgxpool.Pool, listener *Listener,
+	tableName string, pollInterval time.Duration, wake chan<- Message,
+	opts ...Option) (*Watch, error) {
+	return WatchForJobWithPollerTriggerRepair(ctx, true, pool, listener, tableName, pollInterval, wake, opts...)
+}
+
+// WatchForJobWithPollerTriggerRepair watches a job table and puts a
+// JobAvailable on wake whenever a job may be ready, never blocking (a full
+// channel is logged, at most once per interval, see WithDropLogInterval).
+//
+// It installs the notification triggers (a failure is logged and the poller
+// retries it when repair is on, never fatal), re-installs them after every
+// Listener (re)connect, subscribes to ChannelName(tableName), and starts
+// PollForJob(ctx, repair, ...). After every Listener reconnect it also puts
+// one JobAvailable on wake and polls at once, because notifications sent
+// while the Listener was disconnected are lost. A notification announcing a
+// job scheduled for later makes the poller check again when it is due.
+//
+// It returns an error, and starts nothing, for a nil listener or pool, an
+// invalid table name, a nil or unbuffered channel or a poll interval that
+// is not positive. The table need not exist yet.
+func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
+	pool *pgxpool.Pool, listener *Listener, tableName string,
+	pollInterval time.Duration, wake chan<- Message, opts ...Option) (*Watch, error) {
+	n, err := validate(pool, tableName, pollInterval, wake)
+	if err != nil {
+		return nil, err
+	}
+	if listener == nil {
+		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrNilListener)
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
+	}
+	o := buildOptions(opts)
+	stats := newCounters(n, wake, o)
+	log := o.logger
+
+	install := func(ctx context.Context, db execer, when string) {
+		err := installTriggers(ctx, db, n)
+		switch {
+		case err == nil:
+		case ctx.Err() != nil:
+		case errors.Is(err, ErrTriggersBusy):
+			log.Info("jobwatch: notification triggers not installed now, the poller will retry",
+				"table", tableName, "when", when, "error", err)
+		default:
+			stats.setError(err)
+			log.Error("jobwatch: failed to install notification triggers, falling back to the poller",
+				"table", tableName, "when", when, "error", err)
+		}
+	}
+	install(ctx, pool, "start")
+
+	w := &Watch{listener: listener, stats: stats}
+	// The poller starts after the subscription so that a job inserted
+	// between the first poll and the LISTEN cannot be missed; the reconnect
+	// callback may run before it exists.
+	var pollerReady = make(chan struct{})
+	w.removeReconnect = listener.addReconnect(func(ctx context.Context, conn *pgx.Conn) error {
+		install(ctx, conn, "reconnect")
+		stats.wake(1)
+		select {
+		case <-pollerReady:
+			w.poller.pollSoon()
+		default:
+		}
+		return nil
+	})
+	w.sub, err = listener.Subscribe(n.channel, func(msg Notification) {
+		stats.notifications.Add(1)
+		if msg.Payload != "" {
+			if secs, err := strconv.ParseFloat(msg.Payload, 64); err == nil && secs > 0 {
+				select {
+				case <-pollerReady:
+					w.poller.scheduleIn(time.Duration(secs * float64(time.Second)))
+				default:
+				}
+				return
+			}
+		}
+		stats.wake(1)
+	})
+	if err != nil {
+		w.removeReconnect()
+		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
+	}
+	w.poller = startPoller(context.WithoutCancel(ctx), repair, pool, n, pollInterval, wake, o, stats)
+	close(pollerReady)
+	w.stopAfter = context.AfterFunc(ctx, func() { _ = w.Close() })
+	return w, nil
+}
+
+// Close unsubscribes, stops the poller and waits for it to exit. Cancelling
+// the watch's context does the same. Close is idempotent.
+func (w *Watch) Close() error {
+	if w == nil {
+		return nil
+	}
+	w.closeOnce.Do(func() {
+		if w.stopAfter != nil {
+			w.stopAfter()
+		}
+		w.removeReconnect()
+		w.listener.Unsubscribe(w.sub)
+		_ = w.poller.Close()
+	})
+	return nil
+}
+
+// Stats returns the watch's counters (its poller's included).
+func (w *Watch) Stats() Stats { return w.stats.snapshot() }
