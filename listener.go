@@ -629,6 +629,7 @@ type ListenerStats struct {
 	Connects      uint64    // successful connects, the first included
 	Reconnects    uint64    // successful connects after the first
 	Notifications uint64    // notifications received for subscribed channels
+	Subscriptions int       // subscriptions active now
 	LastError     error     // the last connection error, nil if none
 	LastErrorAt   time.Time // when LastError happened
 }
@@ -658,6 +659,11 @@ func (l *Listener) Stats() ListenerStats {
 		Connects:      l.stats.connects.Load(),
 		Notifications: l.stats.notifications.Load(),
 	}
+	l.mu.Lock()
+	for _, list := range l.subs {
+		s.Subscriptions += len(list)
+	}
+	l.mu.Unlock()
 	if s.Connects > 0 {
 		s.Reconnects = s.Connects - 1
 	}

@@ -127,6 +127,9 @@ func (p *Poller) Close() error {
 	return nil
 }
 
+// Done returns a channel that is closed once the poller has stopped.
+func (p *Poller) Done() <-chan struct{} { return p.done }
+
 // Stats returns the poller's counters.
 func (p *Poller) Stats() Stats { return p.stats.snapshot() }
 

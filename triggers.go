@@ -127,7 +127,7 @@ END
 		return "EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = " + quoteLiteral(trigger) + ")"
 	}
 	create := func(trigger, event string) string {
-		return "CREATE TRIGGER " + quoteIdent(trigger) + " AFTER " + event + " ON " + table +
+		return "CREATE TRIGGER " + pgIdent(trigger) + " AFTER " + event + " ON " + table +
 			" REFERENCING NEW TABLE AS " + transitionTable +
 			" FOR EACH STATEMENT EXECUTE FUNCTION " + fn + "()"
 	}
@@ -167,7 +167,7 @@ END
 	return "DO " + dollarQuote("jobwatch", block)
 }
 
-func quoteIdent(s string) string {
+func pgIdent(s string) string {
 	return `"` + strings.ReplaceAll(s, `"`, `""`) + `"`
 }
 

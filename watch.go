@@ -57,6 +57,7 @@ type Watch struct {
 	removeReconnect func()
 	stopAfter       func() bool
 	stats           *counters
+	done            chan struct{}
 
 	closeOnce sync.Once
 }
@@ -116,7 +117,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	}
 	install(ctx, pool, "start")
 
-	w := &Watch{listener: listener, stats: stats}
+	w := &Watch{listener: listener, stats: stats, done: make(chan struct{})}
 	// The poller starts after the subscription so that a job inserted
 	// between the first poll and the LISTEN cannot be missed; the reconnect
 	// callback may run before it exists.
@@ -168,9 +169,16 @@ func (w *Watch) Close() error {
 		w.removeReconnect()
 		w.listener.Unsubscribe(w.sub)
 		_ = w.poller.Close()
+		close(w.done)
 	})
+	<-w.done
 	return nil
 }
+
+// Done returns a channel that is closed once the watch has stopped: after
+// Close, or after its context was cancelled and it has unsubscribed and
+// stopped its poller.
+func (w *Watch) Done() <-chan struct{} { return w.done }
 
 // Stats returns the watch's counters (its poller's included).
 func (w *Watch) Stats() Stats { return w.stats.snapshot() }

@@ -38,6 +38,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch"
 )
 
 // EnvVar names the variable that points the tests at a server.
@@ -56,7 +57,7 @@ var (
 // Main runs the tests of m and then stops whatever server this package
 // started (an ephemeral cluster or a container), and exits with the tests'
 // exit code. Call it from TestMain.
-func Main(m *testing.M) {
+func Main(m interface{ Run() int }) {
 	mainMu.Lock()
 	mainCalled = true
 	mainMu.Unlock()
@@ -147,35 +148,14 @@ func NewDatabase(t testing.TB) *pgxpool.Pool {
 	return pool
 }
 
-// JobTableSQL returns the statements that create an IHP-shaped job table
-// (and the job_status type, if missing) under tableName, which is used as
-// written, so quote it if it needs quoting.
-func JobTableSQL(tableName string) string {
-	return `DO $$ BEGIN
-	CREATE TYPE job_status AS ENUM ('job_status_not_started', 'job_status_running',
-		'job_status_failed', 'job_status_timed_out', 'job_status_succeeded', 'job_status_retry');
-EXCEPTION WHEN duplicate_object THEN NULL;
-END $$;
-CREATE TABLE IF NOT EXISTS ` + tableName + ` (
-	id UUID DEFAULT gen_random_uuid() PRIMARY KEY NOT NULL,
-	created_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL,
-	updated_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL,
-	status job_status DEFAULT 'job_status_not_started' NOT NULL,
-	last_error TEXT DEFAULT NULL,
-	attempts_count INT DEFAULT 0 NOT NULL,
-	locked_at TIMESTAMP WITH TIME ZONE DEFAULT NULL,
-	locked_by UUID DEFAULT NULL,
-	run_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL
-);`
-}
-
-// CreateJobTable creates an IHP-shaped job table (see JobTableSQL) in the
-// pool's database, failing t on error.
+// CreateJobTable creates an IHP-shaped job table, its job_status type and
+// its pending-job index (jobwatch.CreateJobTableSQL) in the pool's database,
+// failing t on error.
 func CreateJobTable(t testing.TB, pool *pgxpool.Pool, tableName string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if _, err := pool.Exec(ctx, JobTableSQL(tableName)); err != nil {
+	if _, err := pool.Exec(ctx, jobwatch.CreateJobTableSQL(tableName)); err != nil {
 		t.Fatalf("jobwatchtest: create job table %s: %v", tableName, err)
 	}
 }
@@ -190,7 +170,7 @@ func withDatabase(connString, name string) (string, error) {
 		u.Path = "/" + name
 		return u.String(), nil
 	}
-	return strings.TrimSpace(connString+" dbname="+name), nil
+	return strings.TrimSpace(connString + " dbname=" + name), nil
 }
 
 // redact hides a password in a URL for messages.

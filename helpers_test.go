@@ -1,0 +1,167 @@
+package jobwatch_test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"github.com/jobwatch-go/jobwatch"
+	"log/slog"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch/jobwatchtest"
+	"go.uber.org/goleak"
+)
+
+func TestMain(m *testing.M) {
+	jobwatchtest.Main(&leakCheckM{m})
+}
+
+// leakCheckM runs the tests and then fails the run if any goroutine the
+// tests started (the library's included) is still running.
+type leakCheckM struct{ *testing.M }
+
+func (l *leakCheckM) Run() int {
+	code := l.M.Run()
+	if code != 0 {
+		return code
+	}
+	// jobwatchtest's server, if it started one, is stopped after this check.
+	server := goleak.IgnoreAnyFunction("github.com/jobwatch-go/jobwatch/jobwatchtest.startEphemeral.func2")
+	if err := goleak.Find(server); err != nil {
+		fmt.Println("goroutine leak:", err)
+		return 1
+	}
+	return 0
+}
+
+// db is one test's own database.
+type db struct {
+	url  string
+	pool *pgxpool.Pool
+}
+
+func newDB(t *testing.T) db {
+	t.Helper()
+	u := jobwatchtest.NewDatabaseURL(t)
+	pool, err := pgxpool.New(context.Background(), u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return db{url: u, pool: pool}
+}
+
+func (d db) exec(t *testing.T, sql string, args ...any) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if _, err := d.pool.Exec(ctx, sql, args...); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+func (d db) jobTable(t *testing.T, table string) {
+	t.Helper()
+	jobwatchtest.CreateJobTable(t, d.pool, table)
+}
+
+// logs records what the library logs, for assertions, and prints it when
+// the test fails.
+type logs struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func newLogs(t *testing.T) (*logs, jobwatch.Option) {
+	l := &logs{}
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("library log:\n%s", l.String())
+		}
+	})
+	h := slog.NewTextHandler(l, &slog.HandlerOptions{Level: slog.LevelDebug})
+	return l, jobwatch.WithLogger(slog.New(h))
+}
+
+func (l *logs) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.Write(p)
+}
+
+func (l *logs) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.buf.String()
+}
+
+func (l *logs) count(substr string) int {
+	return strings.Count(l.String(), substr)
+}
+
+func testListener(t *testing.T, url string, opts ...jobwatch.Option) *jobwatch.Listener {
+	t.Helper()
+	l, err := jobwatch.NewListener(url, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = l.Close() })
+	return l
+}
+
+const waitLimit = 15 * time.Second
+
+// waitWake waits for a message on ch and fails the test if none comes.
+func waitWake(t *testing.T, ch <-chan jobwatch.Message, what string) {
+	t.Helper()
+	select {
+	case m := <-ch:
+		if m != jobwatch.JobAvailable {
+			t.Fatalf("%s: got %v, want jobwatch.JobAvailable", what, m)
+		}
+	case <-time.After(waitLimit):
+		t.Fatalf("%s: no jobwatch.JobAvailable within %v", what, waitLimit)
+	}
+}
+
+func drain(ch <-chan jobwatch.Message) int {
+	n := 0
+	for {
+		select {
+		case <-ch:
+			n++
+		default:
+			return n
+		}
+	}
+}
+
+// eventually waits until cond holds, checking every few milliseconds.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(waitLimit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("not within %v: %s", waitLimit, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// settle waits until the watch has finished its start-up (first poll done)
+// and empties the channel of the wake-ups that start-up may send.
+func settle(t *testing.T, w interface{ Stats() jobwatch.Stats }, ch <-chan jobwatch.Message) {
+	t.Helper()
+	eventually(t, "first poll", func() bool { return w.Stats().Polls >= 1 })
+	drain(ch)
+}
+
+func ctxT(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
