@@ -1,0 +1,303 @@
+package jobwatch_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jobwatch-go/jobwatch"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+func TestChannelNames(t *testing.T) {
+	t.Parallel()
+	cases := map[string]string{
+		"jobs":                  "job_available_jobs",
+		"Jobs":                  "job_available_jobs",
+		`"MixedJobs"`:           "job_available_MixedJobs",
+		"app.jobs":              "job_available_app.jobs",
+		`"App"."Jobs"`:          "job_available_App.Jobs",
+		"schedule_jobs_for_you": "job_available_schedule_jobs_for_you",
+	}
+	for in, want := range cases {
+		assert.Equal(t, want, jobwatch.ChannelName(in), in)
+	}
+}
+
+func TestLongNamesFitAndDiffer(t *testing.T) {
+	t.Parallel()
+	a := strings.Repeat("x", 55) + "_alpha"
+	b := strings.Repeat("x", 55) + "_bravo"
+	ca, cb := jobwatch.ChannelName(a), jobwatch.ChannelName(b)
+	assert.LessOrEqual(t, len(ca), 63)
+	assert.LessOrEqual(t, len(cb), 63)
+	assert.NotEqual(t, ca, cb, "long names sharing a prefix get different channels")
+	assert.Equal(t, ca, jobwatch.ChannelName(a), "deterministic")
+	// 49 bytes is the longest table name whose IHP names all fit.
+	n49 := strings.Repeat("y", 45)
+	assert.Equal(t, "job_available_"+n49, jobwatch.ChannelName(n49))
+	// Multi-byte names are cut on a character boundary.
+	u := strings.Repeat("é", 40)
+	assert.LessOrEqual(t, len(jobwatch.ChannelName(u)), 63)
+	assert.True(t, strings.ToValidUTF8(jobwatch.ChannelName(u), "?") == jobwatch.ChannelName(u))
+}
+
+// TestNamesInTheDatabase installs and uses triggers on long, qualified,
+// quoted and hostile table names: every INSERT works, every derived name
+// fits, two long names sharing a prefix get their own triggers, and no name
+// injects SQL.
+func TestNamesInTheDatabase(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	d.exec(t, "CREATE SCHEMA app; CREATE TABLE victim (id int)")
+	long := strings.Repeat("l", 56)
+	tables := []string{
+		"jobs",
+		"app.jobs",
+		"public.jobs",
+		`"MixedJobs"`,
+		long + "_one",
+		long + "_two",
+		`"evil'); DROP TABLE victim; --"`,
+		`"dollar$$quote$jobwatch$$jobwatch_fn$"`,
+		`"back\slash"`,
+		`app."with ""quotes"" and.dot"`,
+	}
+	l := testListener(t, d.url, opt)
+	ctx := ctxT(t)
+	type watched struct {
+		table string
+		w     *jobwatch.Watch
+		ch    chan jobwatch.Message
+	}
+	var ws []watched
+	for _, table := range tables {
+		d.jobTable(t, table)
+		ch := make(chan jobwatch.Message, 10)
+		w, err := jobwatch.WatchForJob(ctx, d.pool, l, table, time.Hour, ch, opt)
+		require.NoError(t, err, table)
+		t.Cleanup(func() { _ = w.Close() })
+		settle(t, w, ch)
+		healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, table)
+		require.NoError(t, err, table)
+		require.True(t, healthy, table)
+		ws = append(ws, watched{table, w, ch})
+	}
+	require.NotContains(t, lg.String(), "level=ERROR")
+
+	for i, x := range ws {
+		d.exec(t, "INSERT INTO "+quotedForSQL(x.table)+" DEFAULT VALUES")
+		waitWake(t, x.ch, x.table)
+		for _, y := range ws {
+			// jobs and public.jobs are one table, with two sets of triggers.
+			want := uint64(0)
+			for k := 0; k <= i; k++ {
+				if physical(ws[k].table) == physical(y.table) {
+					want++
+				}
+			}
+			assert.Equal(t, want, y.w.Stats().Notifications, "after inserting into %s, notifications of %s", x.table, y.table)
+		}
+	}
+	var victim bool
+	require.NoError(t, d.pool.QueryRow(ctx, "SELECT to_regclass('victim') IS NOT NULL").Scan(&victim))
+	assert.True(t, victim, "no table name injected SQL")
+
+	var longest int
+	require.NoError(t, d.pool.QueryRow(ctx, `SELECT max(length(tgname::text)) FROM pg_trigger WHERE NOT tgisinternal`).Scan(&longest))
+	assert.LessOrEqual(t, longest, 63)
+	var triggers int
+	require.NoError(t, d.pool.QueryRow(ctx, `SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal`).Scan(&triggers))
+	assert.Equal(t, 2*len(tables), triggers)
+}
+
+func physical(table string) string { return strings.TrimPrefix(table, "public.") }
+
+// quotedForSQL writes a table name as the tests' SQL needs it: the names
+// in TestNamesInTheDatabase are valid SQL as written.
+func quotedForSQL(table string) string { return table }
+
+func TestScriptNeverDropsHealthyTrigger(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	d.jobTable(t, "jobs")
+	ctx := ctxT(t)
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
+	oids := func() string {
+		var s string
+		require.NoError(t, d.pool.QueryRow(ctx, `SELECT string_agg(oid::text, ',' ORDER BY oid) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass`).Scan(&s))
+		return s
+	}
+	before := oids()
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
+	require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs"))
+	assert.Equal(t, before, oids())
+}
+
+// TestInstallWhilePgDumpRuns: pg_dump holds ACCESS SHARE on every table it
+// dumps; installing the triggers must neither fail nor wait for it.
+func TestInstallWhilePgDumpRuns(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	ctx := ctxT(t)
+	dump := beginWith(t, d, "LOCK TABLE jobs IN ACCESS SHARE MODE")
+	defer dump.Rollback(ctx)
+	require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs", opt))
+	healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, "jobs")
+	require.NoError(t, err)
+	assert.True(t, healthy)
+}
+
+// TestInstallWithWriterLockHeld: a long writer holds ROW EXCLUSIVE. The
+// installer must give up at once (ErrTriggersBusy) instead of queueing,
+// because a queued ACCESS EXCLUSIVE-class request would make every later
+// INSERT queue behind it. Once the writer commits, installation succeeds.
+func TestInstallWithWriterLockHeld(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	ctx := ctxT(t)
+	writer := beginWith(t, d, "INSERT INTO jobs DEFAULT VALUES")
+	err := jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs", opt)
+	require.ErrorIs(t, err, jobwatch.ErrTriggersBusy)
+
+	// Later writers are not blocked by a pending installer lock.
+	conn, err := d.pool.Acquire(ctx)
+	require.NoError(t, err)
+	defer conn.Release()
+	_, err = conn.Exec(ctx, "SET statement_timeout = '5s'")
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, "INSERT INTO jobs DEFAULT VALUES")
+	require.NoError(t, err)
+	_, err = conn.Exec(ctx, "RESET statement_timeout")
+	require.NoError(t, err)
+
+	require.NoError(t, writer.Commit(ctx))
+	require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs", opt))
+}
+
+// TestSecondInstallerReturnsAtOnce: while another installer (here: IHP's
+// advisory lock key, held by a transaction) works, a second one returns
+// ErrTriggersBusy instead of waiting.
+func TestSecondInstallerReturnsAtOnce(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	ctx := ctxT(t)
+	other := beginWith(t, d, "SELECT pg_advisory_xact_lock(hashtext(current_schema()), hashtext('notify_job_queued_jobs'::name::text))")
+	defer other.Rollback(ctx)
+	err := jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs", opt)
+	assert.ErrorIs(t, err, jobwatch.ErrTriggersBusy)
+}
+
+// TestConcurrentInstallers: many installers at once never surface "tuple
+// concurrently updated" (or any error but ErrTriggersBusy), and leave the
+// triggers healthy.
+func TestConcurrentInstallers(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	ctx := ctxT(t)
+	for round := range 3 {
+		d.exec(t, "DROP TRIGGER IF EXISTS did_insert_job_jobs ON jobs; DROP TRIGGER IF EXISTS did_update_job_jobs ON jobs")
+		var wg sync.WaitGroup
+		errs := make(chan error, 16)
+		for i := range 16 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if i%2 == 0 {
+					errs <- jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs", opt)
+					return
+				}
+				_, err := d.pool.Exec(ctx, jobwatch.CreateNotificationTriggerSQL("jobs"))
+				var pgErr *pgconn.PgError
+				if errors.As(err, &pgErr) && pgErr.Code == "55P03" {
+					err = jobwatch.ErrTriggersBusy
+				}
+				errs <- err
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil && !errors.Is(err, jobwatch.ErrTriggersBusy) {
+				t.Errorf("round %d: %v", round, err)
+			}
+		}
+		require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, "jobs", opt))
+		healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, "jobs")
+		require.NoError(t, err)
+		assert.True(t, healthy)
+	}
+}
+
+// beginWith opens a transaction on its own connection, runs sql in it and
+// leaves it open; it is rolled back when the test ends.
+func beginWith(t *testing.T, d db, sql string) pgx.Tx {
+	t.Helper()
+	ctx := context.Background()
+	conn, err := pgx.Connect(ctx, d.url)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close(context.Background()) })
+	tx, err := conn.Begin(ctx)
+	require.NoError(t, err)
+	_, err = tx.Exec(ctx, sql)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = tx.Rollback(context.Background()) })
+	return tx
+}
+
+func FuzzDerivedNames(f *testing.F) {
+	for _, s := range []string{"jobs", "app.jobs", `"MixedJobs"`, strings.Repeat("a", 70), `"a""b"`, "é.ü", `"x$$y"`, "", ".", `"`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		c := jobwatch.ChannelName(name)
+		if len(c) > 63 || c == "" {
+			t.Fatalf("ChannelName(%q) = %q (%d bytes)", name, c, len(c))
+		}
+		if c != jobwatch.ChannelName(name) {
+			t.Fatal("not deterministic")
+		}
+	})
+}
+
+// FuzzTriggerSQL checks that the script's dollar quotes cannot be closed
+// early by a table name: each tag occurs exactly twice.
+func FuzzTriggerSQL(f *testing.F) {
+	for _, s := range []string{"jobs", `"a$jobwatch$b"`, `"$jobwatch_fn$"`, `"$jobwatch0$$jobwatch$"`, `x.";DROP"`, `"it's"`, `"back\slash"`} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, name string) {
+		sql := jobwatch.CreateNotificationTriggerSQL(name)
+		if !strings.HasPrefix(sql, "DO $") {
+			t.Fatalf("not a DO block: %q", sql)
+		}
+		tag := sql[3 : strings.IndexByte(sql[4:], '$')+5]
+		if n := strings.Count(sql, tag); n != 2 {
+			t.Fatalf("outer tag %s occurs %d times in %q", tag, n, sql)
+		}
+		if i := strings.Index(sql, "AS $jobwatch_fn"); i >= 0 {
+			rest := sql[i+3:]
+			inner := rest[:strings.IndexByte(rest[1:], '$')+2]
+			if n := strings.Count(sql, inner); n != 2 {
+				t.Fatalf("inner tag %s occurs %d times", inner, n)
+			}
+		}
+		_ = fmt.Sprint(sql)
+	})
+}
