@@ -100,7 +100,7 @@ func parseTableName(name string) (tableRef, error) {
 			if !utf8.ValidString(part) {
 				return ref, fmt.Errorf("%w %q: not valid UTF-8", ErrInvalidTableName, name)
 			}
-			part = strings.ToLower(part)
+			part = foldASCII(part)
 			s = s[i:]
 		}
 		parts = append(parts, part)
@@ -124,6 +124,18 @@ func parseTableName(name string) (tableRef, error) {
 		return ref, fmt.Errorf("%w %q: an identifier is longer than %d bytes", ErrInvalidTableName, name, maxIdentifierLen)
 	}
 	return ref, nil
+}
+
+// foldASCII lower-cases A-Z only, as PostgreSQL folds unquoted identifiers
+// in a multi-byte encoding.
+func foldASCII(s string) string {
+	b := []byte(s)
+	for i, c := range b {
+		if 'A' <= c && c <= 'Z' {
+			b[i] = c + 'a' - 'A'
+		}
+	}
+	return string(b)
 }
 
 // quoted returns the table name as safe SQL: every part double-quoted.

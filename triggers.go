@@ -67,8 +67,8 @@ type execer interface {
 func CreateNotificationTriggerSQL(tableName string) string {
 	n, err := deriveNames(tableName)
 	if err != nil {
-		return fmt.Sprintf("DO %s BEGIN RAISE EXCEPTION 'jobwatch: %%', %s USING ERRCODE = '42602'; END %[1]s",
-			"$jobwatch$", quoteLiteral(err.Error()))
+		return "DO " + dollarQuote("jobwatch",
+			" BEGIN RAISE EXCEPTION 'jobwatch: %', "+quoteLiteral(err.Error())+" USING ERRCODE = '42602'; END ")
 	}
 	return n.triggerSQL()
 }

@@ -1,0 +1,143 @@
+package jobwatch_test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestCatchUpAfterReconnect: a job inserted while the Listener is
+// disconnected is woken as soon as it reconnects, although the poll
+// interval is an hour (IHP would wait for the next poll).
+func TestCatchUpAfterReconnect(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	p, cfg := newProxy(t, d.url)
+	l, err := jobwatch.NewListenerConfig(cfg, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	ch := make(chan jobwatch.Message, 10)
+	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = w.Close() })
+	settle(t, w, ch)
+
+	p.setRefuse(true)
+	p.cut()
+	eventually(t, "disconnected", func() bool { return !l.Stats().Connected })
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES") // its NOTIFY reaches no one
+	drain(ch)
+	p.setRefuse(false)
+	waitWake(t, ch, "catch-up after reconnect")
+	assert.EqualValues(t, 0, w.Stats().Notifications)
+}
+
+// TestStalledConsumer: a caller that stops reading its channel delays no
+// other table, the Listener keeps reading (the server's notification queue
+// stays empty), and "channel full" is logged once per interval with a count.
+func TestStalledConsumer(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	d.jobTable(t, "stalled")
+	d.jobTable(t, "lively")
+	l := testListener(t, d.url, opt)
+	ctx := ctxT(t)
+	stalled := make(chan jobwatch.Message, 1) // never read
+	ws, err := jobwatch.WatchForJob(ctx, d.pool, l, "stalled", time.Hour, stalled, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ws.Close() })
+	lively := make(chan jobwatch.Message, 1)
+	wl, err := jobwatch.WatchForJob(ctx, d.pool, l, "lively", time.Hour, lively, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = wl.Close() })
+	settle(t, wl, lively)
+	eventually(t, "first poll", func() bool { return ws.Stats().Polls >= 1 })
+
+	const jobs = 2000
+	conn, err := d.pool.Acquire(ctx)
+	require.NoError(t, err)
+	for range jobs {
+		_, err := conn.Exec(ctx, "INSERT INTO stalled DEFAULT VALUES")
+		require.NoError(t, err)
+	}
+	conn.Release()
+	d.exec(t, "INSERT INTO lively DEFAULT VALUES")
+	waitWake(t, lively, "the other table")
+
+	eventually(t, "every notification read", func() bool { return ws.Stats().Notifications == jobs })
+	var usage float64
+	require.NoError(t, d.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage))
+	assert.Zero(t, usage, "the server's notification queue is drained")
+	s := ws.Stats()
+	assert.GreaterOrEqual(t, s.WakeupsDropped, uint64(jobs-1))
+	assert.LessOrEqual(t, lg.count("wake channel full"), 2, "logged at most once per interval")
+}
+
+// TestServerRestart: every backend of the database is terminated at once,
+// as on a restart or failover, and the triggers are gone too. The Listener,
+// the poller and the trigger repair all recover with no help.
+func TestServerRestart(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	w, ch, l := startWatch(t, d, "jobs", 50*time.Millisecond, 10, opt, jobwatch.WithJitter(0))
+	admin, err := pgxpool.New(context.Background(), d.url)
+	require.NoError(t, err)
+	defer admin.Close()
+	ctx := ctxT(t)
+	_, err = admin.Exec(ctx, "DROP TRIGGER did_insert_job_jobs ON jobs")
+	require.NoError(t, err)
+	reconnects := l.Stats().Reconnects
+	_, err = admin.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+	require.NoError(t, err)
+
+	eventually(t, "listener reconnected", func() bool { return l.Stats().Reconnects > reconnects && l.Stats().Connected })
+	eventually(t, "triggers repaired", func() bool {
+		ok, _ := jobwatch.NotificationTriggersHealthy(ctx, admin, "jobs")
+		return ok
+	})
+	polls := w.Stats().Polls
+	eventually(t, "polling again", func() bool { return w.Stats().Polls > polls+1 })
+	drain(ch)
+	before := w.Stats().Notifications
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	eventually(t, "notified again", func() bool { return w.Stats().Notifications > before })
+}
+
+// TestCloseReleasesConnections: after Close nothing of the library holds a
+// connection (the goroutine check runs in TestMain).
+func TestCloseReleasesConnections(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	pool, err := pgxpool.New(context.Background(), d.url+"&application_name=jobwatch_leak")
+	require.NoError(t, err)
+	l, err := jobwatch.NewListener(d.url+"&application_name=jobwatch_leak", opt)
+	require.NoError(t, err)
+	ch := make(chan jobwatch.Message, 4)
+	ctx, cancel := context.WithCancel(context.Background())
+	w, err := jobwatch.WatchForJob(ctx, pool, l, "jobs", 10*time.Millisecond, ch, opt)
+	require.NoError(t, err)
+	p, err := jobwatch.PollForJob(ctx, true, pool, "jobs", 10*time.Millisecond, ch, opt)
+	require.NoError(t, err)
+	eventually(t, "polling", func() bool { return w.Stats().Polls > 2 && p.Stats().Polls > 2 })
+	cancel()
+	<-w.Done()
+	<-p.Done()
+	require.NoError(t, l.Close())
+	pool.Close()
+	eventually(t, "no connection left", func() bool {
+		var n int
+		require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobwatch_leak'").Scan(&n))
+		return n == 0
+	})
+}
