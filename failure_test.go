@@ -61,7 +61,7 @@ func TestStalledConsumer(t *testing.T) {
 	settle(t, wl, lively)
 	eventually(t, "first poll", func() bool { return ws.Stats().Polls >= 1 })
 
-	const jobs = 2000
+	const jobs = 5000
 	conn, err := d.pool.Acquire(ctx)
 	require.NoError(t, err)
 	for range jobs {
@@ -73,9 +73,14 @@ func TestStalledConsumer(t *testing.T) {
 	waitWake(t, lively, "the other table")
 
 	eventually(t, "every notification read", func() bool { return ws.Stats().Notifications == jobs })
-	var usage float64
-	require.NoError(t, d.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage))
-	assert.Zero(t, usage, "the server's notification queue is drained")
+	// The queue is shared by the whole cluster and its tail advances a few
+	// pages at a time, so "drained" means: less than the entries of this
+	// test's jobs would fill (each takes at least 40 bytes of the 8 GB queue).
+	eventually(t, "the server's notification queue is drained", func() bool {
+		var usage float64
+		require.NoError(t, d.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage))
+		return usage < float64(jobs*40)/float64(8<<30)
+	})
 	s := ws.Stats()
 	assert.GreaterOrEqual(t, s.WakeupsDropped, uint64(jobs-1))
 	assert.LessOrEqual(t, lg.count("wake channel full"), 2, "logged at most once per interval")

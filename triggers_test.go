@@ -104,7 +104,8 @@ func TestNamesInTheDatabase(t *testing.T) {
 					want++
 				}
 			}
-			assert.Equal(t, want, y.w.Stats().Notifications, "after inserting into %s, notifications of %s", x.table, y.table)
+			eventually(t, fmt.Sprintf("after inserting into %s, %d notifications for %s", x.table, want, y.table),
+				func() bool { return y.w.Stats().Notifications == want })
 		}
 	}
 	var victim bool
