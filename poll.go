@@ -311,6 +311,15 @@ func (c *counters) wake(n int64) {
 	}
 }
 
+// wakeUpTo sends up to n JobAvailable, no more than the channel has room
+// for: n jobs need at most as many wake-ups as there are free slots, because
+// a woken worker keeps fetching until none is due. Only a channel that is
+// already full counts as a dropped wake-up.
+func (c *counters) wakeUpTo(n int64) {
+	free := int64(cap(c.wakeCh) - len(c.wakeCh))
+	c.wake(max(min(n, free), 1))
+}
+
 func (c *counters) setError(err error) {
 	c.lastErr.Store(&timedError{err: err, at: time.Now()})
 }

@@ -30,6 +30,15 @@ var (
 	ErrTriggersBusy = errors.New("trigger installation busy")
 )
 
+// Notification payloads sent by the trigger function. An empty payload (as
+// IHP's triggers send) means one job is due; payloadDue+"<n>" means n jobs
+// became due in one statement; payloadIn+"<seconds>" means the earliest job
+// of a statement is due that many seconds from now.
+const (
+	payloadDue = "due:"
+	payloadIn  = "in:"
+)
+
 // transitionTable is the name the statement triggers give their NEW TABLE.
 const transitionTable = "jobwatch_new_rows"
 
@@ -55,11 +64,12 @@ type execer interface {
 //     later writers queue behind it. A healthy trigger is never dropped.
 //
 // The triggers fire once per statement and read the statement's new rows
-// from a transition table: a statement that leaves any row in
+// from a transition table: a statement that leaves rows in
 // job_status_not_started or job_status_retry sends one NOTIFY on
-// ChannelName(tableName) with an empty payload when such a row is due now,
-// and one whose payload is the number of seconds until the earliest future
-// run_at when one is scheduled for later. The function also works when
+// ChannelName(tableName) when some are due now (payload "" for one job,
+// "due:<n>" for n), and one with payload "in:<seconds>" when some are
+// scheduled for later (the time until the earliest). Any payload wakes an
+// IHP worker, which ignores it. The function also works when
 // called by IHP's per-row triggers, so IHP and Go workers can share a table.
 //
 // Every name is quoted; no table name can inject SQL. For a name that is not
@@ -103,22 +113,24 @@ func (n names) triggerSQL() string {
 
 	body := `
 DECLARE
-    due_now boolean;
+    due bigint;
     next_at timestamptz;
 BEGIN
     IF TG_LEVEL = 'ROW' THEN
         PERFORM pg_notify(` + chanLit + `, '');
         RETURN NULL;
     END IF;
-    SELECT bool_or(j.run_at <= now()), min(j.run_at) FILTER (WHERE j.run_at > now())
-      INTO due_now, next_at
+    SELECT count(*) FILTER (WHERE j.run_at <= now()), min(j.run_at) FILTER (WHERE j.run_at > now())
+      INTO due, next_at
       FROM ` + transitionTable + ` j
      WHERE j.status::text IN ('job_status_not_started', 'job_status_retry');
-    IF due_now THEN
+    IF due = 1 THEN
         PERFORM pg_notify(` + chanLit + `, '');
+    ELSIF due > 1 THEN
+        PERFORM pg_notify(` + chanLit + `, '` + payloadDue + `' || due);
     END IF;
     IF next_at IS NOT NULL THEN
-        PERFORM pg_notify(` + chanLit + `, extract(epoch FROM next_at - clock_timestamp())::text);
+        PERFORM pg_notify(` + chanLit + `, '` + payloadIn + `' || extract(epoch FROM next_at - clock_timestamp()));
     END IF;
     RETURN NULL;
 END

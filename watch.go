@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -134,17 +135,18 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	})
 	w.sub, err = listener.Subscribe(n.channel, func(msg Notification) {
 		stats.notifications.Add(1)
-		if msg.Payload != "" {
-			if secs, err := strconv.ParseFloat(msg.Payload, 64); err == nil && secs > 0 {
-				select {
-				case <-pollerReady:
-					w.poller.scheduleIn(time.Duration(secs * float64(time.Second)))
-				default:
-				}
-				return
+		switch due, later := parsePayload(msg.Payload); {
+		case later > 0:
+			select {
+			case <-pollerReady:
+				w.poller.scheduleIn(later)
+			default:
 			}
+		case due > 1:
+			stats.wakeUpTo(due)
+		default:
+			stats.wake(1)
 		}
-		stats.wake(1)
 	})
 	if err != nil {
 		w.removeReconnect()
@@ -154,6 +156,26 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	close(pollerReady)
 	w.stopAfter = context.AfterFunc(ctx, func() { _ = w.Close() })
 	return w, nil
+}
+
+// parsePayload reads a notification payload (see payloadDue and payloadIn):
+// how many jobs are due now, or how long until the earliest is due.
+// Unknown payloads count as one due job.
+func parsePayload(p string) (due int64, later time.Duration) {
+	switch {
+	case strings.HasPrefix(p, payloadDue):
+		if n, err := strconv.ParseInt(p[len(payloadDue):], 10, 64); err == nil && n > 0 {
+			return n, 0
+		}
+	case strings.HasPrefix(p, payloadIn):
+		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil {
+			if secs <= 0 {
+				return 1, 0
+			}
+			return 0, time.Duration(secs * float64(time.Second))
+		}
+	}
+	return 1, 0
 }
 
 // Close unsubscribes, stops the poller and waits for it to exit. Cancelling
