@@ -224,7 +224,9 @@ func (p *Poller) poll(ctx context.Context) {
 	free := cap(p.wake) - len(p.wake)
 	var count int64
 	var next *float64
+	start := time.Now()
 	err := p.pool.QueryRow(ctx, p.query, free).Scan(&count, &next)
+	p.stats.pollNanos.Add(int64(time.Since(start)))
 	if err != nil {
 		if ctx.Err() != nil {
 			return
@@ -258,14 +260,15 @@ func (p *Poller) repairTriggers(ctx context.Context) {
 
 // Stats is a snapshot of a Watch's or Poller's counters, for metrics.
 type Stats struct {
-	Notifications  uint64    // notifications received on the table's channel
-	WakeupsSent    uint64    // JobAvailable messages put on the wake channel
-	WakeupsDropped uint64    // JobAvailable messages dropped because the channel was full
-	Polls          uint64    // polls run
-	PollErrors     uint64    // polls that failed
-	TriggerRepairs uint64    // times missing triggers were re-created
-	LastError      error     // the last poll, install or repair error; nil if none
-	LastErrorAt    time.Time // when LastError happened
+	Notifications  uint64        // notifications received on the table's channel
+	WakeupsSent    uint64        // JobAvailable messages put on the wake channel
+	WakeupsDropped uint64        // JobAvailable messages dropped because the channel was full
+	Polls          uint64        // polls run
+	PollErrors     uint64        // polls that failed
+	PollTime       time.Duration // time spent in poll queries, all polls together
+	TriggerRepairs uint64        // times missing triggers were re-created
+	LastError      error         // the last poll, install or repair error; nil if none
+	LastErrorAt    time.Time     // when LastError happened
 }
 
 // counters is the live state behind Stats, shared by a Watch and its Poller.
@@ -275,6 +278,7 @@ type counters struct {
 	sent          atomic.Uint64
 	polls         atomic.Uint64
 	pollErrors    atomic.Uint64
+	pollNanos     atomic.Int64
 	repairs       atomic.Uint64
 	lastErr       atomic.Pointer[timedError]
 	drops         *dropReporter
@@ -331,6 +335,7 @@ func (c *counters) snapshot() Stats {
 		WakeupsDropped: c.drops.total.Load(),
 		Polls:          c.polls.Load(),
 		PollErrors:     c.pollErrors.Load(),
+		PollTime:       time.Duration(c.pollNanos.Load()),
 		TriggerRepairs: c.repairs.Load(),
 	}
 	if e := c.lastErr.Load(); e != nil {
