@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // Errors returned (wrapped) by Listener methods.
@@ -82,15 +83,17 @@ type reconnectCallback struct {
 	fn func(ctx context.Context, conn *pgx.Conn) error
 }
 
-// NewListener parses connString (a URL or key=value DSN, as pgx reads it)
-// and returns a Listener that has not connected yet. It returns an error for
+// NewListener parses connString (a URL or key=value DSN, as pgx reads it;
+// pgxpool's pool_* settings are accepted and ignored) and returns a Listener that has not connected yet. It returns an error for
 // a connection string that cannot be parsed.
 func NewListener(connString string, opts ...Option) (*Listener, error) {
-	config, err := pgx.ParseConfig(connString)
+	// Parsed as a pool configuration so that the string given to pgxpool,
+	// pool_* settings included, works here too.
+	config, err := pgxpool.ParseConfig(connString)
 	if err != nil {
 		return nil, fmt.Errorf("jobwatch: listener: parse connection string: %w", err)
 	}
-	return newListener(config, opts...), nil
+	return newListener(config.ConnConfig, opts...), nil
 }
 
 // NewListenerConfig is NewListener for an already parsed pgx configuration,

@@ -93,8 +93,8 @@ func run(c config, logger *slog.Logger) error {
 		return fmt.Errorf("connect: %w", err)
 	}
 	defer pool.Close()
-	if _, err := pool.Exec(ctx, jobwatch.CreateJobTableSQL(c.table)); err != nil {
-		return fmt.Errorf("create job table: %w", err)
+	if err := createTable(ctx, pool, c.table); err != nil {
+		return err
 	}
 	q, err := newQueries(c.table)
 	if err != nil {
@@ -134,7 +134,24 @@ func run(c config, logger *slog.Logger) error {
 		w.housekeeping(ctx, stop)
 	}()
 	wg.Wait()
-	logger.Info("worker stopped", "ran", w.ran.Load(), "failed", w.failed.Load())
+	logger.Info("worker stopped", "ran", w.ran.Load(), "failed", w.failed.Load(), "fetches", w.fetches.Load())
+	return nil
+}
+
+// createTable creates the job table if it is missing. Workers started
+// together would race on CREATE TYPE / CREATE TABLE IF NOT EXISTS (which can
+// fail with a duplicate key), so creation runs under an advisory lock.
+func createTable(ctx context.Context, pool *pgxpool.Pool, table string) error {
+	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('jobwatch example: create job table'))"); err != nil {
+			return err
+		}
+		_, err := tx.Exec(ctx, jobwatch.CreateJobTableSQL(table))
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("create job table: %w", err)
+	}
 	return nil
 }
 
@@ -224,7 +241,7 @@ type worker struct {
 	id   pgtype.UUID
 	log  *slog.Logger
 
-	ran, failed atomic.Int64
+	ran, failed, fetches atomic.Int64
 }
 
 // fetchLoop waits for a wake-up, then fetches due jobs, as many at a time
@@ -305,6 +322,7 @@ type result struct {
 
 // fetch locks up to n due jobs for this worker.
 func (w *worker) fetch(ctx context.Context, n int) ([]job, error) {
+	w.fetches.Add(1)
 	rows, err := w.pool.Query(ctx, w.q.fetch, w.id, n)
 	if err != nil {
 		return nil, err
