@@ -124,6 +124,9 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	// callback may run before it exists.
 	var pollerReady = make(chan struct{})
 	w.removeReconnect = listener.addReconnect(func(ctx context.Context, conn *pgx.Conn) error {
+		if listener.stats.connects.Load() == 1 {
+			return nil // the Listener's first connect: the start-up above did this
+		}
 		install(ctx, conn, "reconnect")
 		stats.wake(1)
 		select {

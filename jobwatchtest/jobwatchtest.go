@@ -44,6 +44,11 @@ import (
 // EnvVar names the variable that points the tests at a server.
 const EnvVar = "TEST_DATABASE_URL"
 
+// SourceEnvVar, when set, names the one source to use: "url" (EnvVar),
+// "default" (pgx's defaults), "ephemeral" or "container". The tests then fail
+// rather than fall back to another, which proves a source works.
+const SourceEnvVar = "JOBWATCHTEST_SOURCE"
+
 var (
 	serverOnce sync.Once
 	serverURL  string
@@ -88,11 +93,16 @@ func registerStop(f func()) {
 // on, finding or starting it on first use. It fails t when there is none.
 func ServerURL(t testing.TB) string {
 	t.Helper()
-	serverOnce.Do(func() { serverURL, serverErr = findServer() })
-	if serverErr != nil {
-		t.Fatal(serverErr)
+	u, err := server()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return serverURL
+	return u
+}
+
+func server() (string, error) {
+	serverOnce.Do(func() { serverURL, serverErr = findServer() })
+	return serverURL, serverErr
 }
 
 // NewDatabaseURL creates a fresh, empty database for t and returns its
@@ -100,38 +110,57 @@ func ServerURL(t testing.TB) string {
 // Safe to call from parallel tests.
 func NewDatabaseURL(t testing.TB) string {
 	t.Helper()
-	admin := ServerURL(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	u, drop, err := CreateDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := drop(); err != nil {
+			t.Error(err)
+		}
+	})
+	return u
+}
+
+// CreateDatabase is NewDatabaseURL for code that has no testing.TB, such as
+// a TestMain fixture or an Example: it creates a fresh, empty database and
+// returns its connection string and a function that drops it.
+func CreateDatabase(ctx context.Context) (url string, drop func() error, err error) {
+	admin, err := server()
+	if err != nil {
+		return "", nil, err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	name := "jobwatchtest_" + hex.EncodeToString(b[:])
-	conn, err := pgx.Connect(ctx, admin)
-	if err != nil {
-		t.Fatalf("jobwatchtest: connect to %s: %v", redact(admin), err)
-	}
-	defer conn.Close(ctx)
-	if _, err := conn.Exec(ctx, "CREATE DATABASE "+name+" TEMPLATE template0"); err != nil {
-		t.Fatalf("jobwatchtest: create database: %v", err)
-	}
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, admin)
-		if err != nil {
-			t.Errorf("jobwatchtest: drop database %s: %v", name, err)
-			return
-		}
-		defer conn.Close(ctx)
-		if _, err := conn.Exec(ctx, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
-			t.Errorf("jobwatchtest: drop database %s: %v", name, err)
-		}
-	})
 	u, err := withDatabase(admin, name)
 	if err != nil {
-		t.Fatalf("jobwatchtest: %v", err)
+		return "", nil, fmt.Errorf("jobwatchtest: %w", err)
 	}
-	return u
+	if err := adminExec(ctx, admin, "CREATE DATABASE "+name+" TEMPLATE template0"); err != nil {
+		return "", nil, fmt.Errorf("jobwatchtest: create database: %w", err)
+	}
+	drop = func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if err := adminExec(ctx, admin, "DROP DATABASE IF EXISTS "+name+" WITH (FORCE)"); err != nil {
+			return fmt.Errorf("jobwatchtest: drop database %s: %w", name, err)
+		}
+		return nil
+	}
+	return u, drop, nil
+}
+
+func adminExec(ctx context.Context, admin, sql string) error {
+	conn, err := pgx.Connect(ctx, admin)
+	if err != nil {
+		return fmt.Errorf("connect to %s: %w", redact(admin), err)
+	}
+	defer conn.Close(ctx)
+	_, err = conn.Exec(ctx, sql)
+	return err
 }
 
 // NewDatabase creates a fresh, empty database for t and returns a pool on
@@ -187,28 +216,44 @@ func redact(connString string) string {
 // findServer tries each source in turn and returns the first that works,
 // or one error that says what was tried.
 func findServer() (string, error) {
-	if u, ok := os.LookupEnv(EnvVar); ok && u != "" {
+	only := os.Getenv(SourceEnvVar)
+	switch only {
+	case "", "url", "default", "ephemeral", "container":
+	default:
+		return "", fmt.Errorf("jobwatchtest: %s=%q: want url, default, ephemeral or container", SourceEnvVar, only)
+	}
+	use := func(source string) bool { return only == "" || only == source }
+	if u, ok := os.LookupEnv(EnvVar); ok && u != "" && use("url") {
 		if err := ping(u); err != nil {
 			return "", fmt.Errorf("jobwatchtest: %s=%s does not answer: %v", EnvVar, redact(u), err)
 		}
 		return u, nil
 	}
 	var tried []string
-	if err := ping(""); err == nil {
-		return "", nil
-	} else {
+	if use("default") {
+		err := ping("")
+		if err == nil {
+			return "", nil
+		}
 		tried = append(tried, fmt.Sprintf("a server at pgx's defaults (PG* variables, local socket, localhost:5432): %v", err))
 	}
-	u, err := startEphemeral()
-	if err == nil {
-		return u, nil
+	if use("ephemeral") {
+		u, err := startEphemeral()
+		if err == nil {
+			return u, nil
+		}
+		tried = append(tried, "an ephemeral cluster from local PostgreSQL binaries: "+err.Error())
 	}
-	tried = append(tried, "an ephemeral cluster from local PostgreSQL binaries: "+err.Error())
-	u, err = startContainer()
-	if err == nil {
-		return u, nil
+	if use("container") {
+		u, err := startContainer()
+		if err == nil {
+			return u, nil
+		}
+		tried = append(tried, "a testcontainers-go PostgreSQL container: "+err.Error())
 	}
-	tried = append(tried, "a testcontainers-go PostgreSQL container: "+err.Error())
+	if only == "url" {
+		tried = append(tried, EnvVar+" is not set")
+	}
 	return "", errors.New("jobwatchtest: no PostgreSQL server for the tests. Tried:\n  - " +
 		strings.Join(tried, "\n  - ") +
 		"\nFix: set " + EnvVar + " (for example postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable), " +

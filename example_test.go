@@ -1,0 +1,141 @@
+package jobwatch_test
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch"
+	"github.com/jobwatch-go/jobwatch/jobwatchtest"
+)
+
+// exampleDB gives an example a fresh database with a job table named jobs.
+// In your program, dsn is your own connection string.
+func exampleDB() (dsn string, pool *pgxpool.Pool, done func()) {
+	ctx := context.Background()
+	dsn, drop, err := jobwatchtest.CreateDatabase(ctx)
+	if err != nil {
+		log.Fatal(err)
+	}
+	pool, err = pgxpool.New(ctx, dsn)
+	if err != nil {
+		log.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, jobwatch.CreateJobTableSQL("jobs")); err != nil {
+		log.Fatal(err)
+	}
+	return dsn, pool, func() {
+		pool.Close()
+		_ = drop()
+	}
+}
+
+func ExampleWatchForJob() {
+	dsn, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+
+	listener, err := jobwatch.NewListener(dsn) // one per process
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer listener.Close()
+	wake := make(chan jobwatch.Message, 8)
+	watch, err := jobwatch.WatchForJob(ctx, pool, listener, "jobs", time.Minute, wake)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer watch.Close()
+
+	if _, err := pool.Exec(ctx, "INSERT INTO jobs DEFAULT VALUES"); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(<-wake) // now fetch with UPDATE ... FOR UPDATE SKIP LOCKED
+	// Output: JobAvailable
+}
+
+func ExamplePollForJob() {
+	_, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, "INSERT INTO jobs SELECT FROM generate_series(1, 3)"); err != nil {
+		log.Fatal(err)
+	}
+
+	wake := make(chan jobwatch.Message, 8)
+	poller, err := jobwatch.PollForJob(ctx, false, pool, "jobs", time.Minute, wake)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer poller.Close()
+	for range 3 { // one per pending job
+		fmt.Println(<-wake)
+	}
+	// Output:
+	// JobAvailable
+	// JobAvailable
+	// JobAvailable
+}
+
+func ExampleListener_Subscribe() {
+	dsn, pool, done := exampleDB()
+	defer done()
+	listener, err := jobwatch.NewListener(dsn)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer listener.Close()
+
+	got := make(chan jobwatch.Notification, 1)
+	if _, err := listener.Subscribe("greetings", func(n jobwatch.Notification) { got <- n }); err != nil {
+		log.Fatal(err)
+	}
+	if _, err := pool.Exec(context.Background(), "NOTIFY greetings, 'hello'"); err != nil {
+		log.Fatal(err)
+	}
+	n := <-got
+	fmt.Println(n.Channel, n.Payload)
+	// Output: greetings hello
+}
+
+func ExampleEnsureNotificationTriggers() {
+	_, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+
+	healthy, _ := jobwatch.NotificationTriggersHealthy(ctx, pool, "jobs")
+	fmt.Println("before:", healthy)
+	if err := jobwatch.EnsureNotificationTriggers(ctx, pool, "jobs"); err != nil {
+		log.Fatal(err)
+	}
+	healthy, _ = jobwatch.NotificationTriggersHealthy(ctx, pool, "jobs")
+	fmt.Println("after:", healthy)
+	// Output:
+	// before: false
+	// after: true
+}
+
+func ExampleChannelName() {
+	fmt.Println(jobwatch.ChannelName("jobs"))
+	fmt.Println(jobwatch.ChannelName("app.jobs"))
+	fmt.Println(jobwatch.ChannelName(`"MixedJobs"`))
+	// Output:
+	// job_available_jobs
+	// job_available_app.jobs
+	// job_available_MixedJobs
+}
+
+// The trigger script can run in a migration, so that workers need no DDL
+// rights.
+func ExampleCreateNotificationTriggerSQL() {
+	_, pool, done := exampleDB()
+	defer done()
+	if _, err := pool.Exec(context.Background(), jobwatch.CreateNotificationTriggerSQL("jobs")); err != nil {
+		log.Fatal(err)
+	}
+	healthy, _ := jobwatch.NotificationTriggersHealthy(context.Background(), pool, "jobs")
+	fmt.Println(healthy)
+	// Output: true
+}
