@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -60,7 +61,7 @@ type Poller struct {
 // later is due and checks again at that moment, so such a job is woken on
 // time rather than at the next interval. Errors are logged and polling
 // goes on (a dropped and recreated table recovers by itself). With repair,
-// it re-creates missing notification triggers after each poll.
+// it re-creates missing notification triggers after each interval poll.
 //
 // It returns an error, and starts nothing, for a nil pool, an invalid table
 // name, a nil or unbuffered channel or a poll interval that is not positive.
@@ -108,7 +109,10 @@ func startPoller(ctx context.Context, repair bool, pool *pgxpool.Pool, n names, 
 		done:     make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 		stats:    stats,
-		query: `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingCondition + ` LIMIT $1) p),
+		// The limit is the channel's capacity, a constant, so the statement
+		// has no parameter and its plan is made once per connection.
+		query: `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingCondition +
+			` LIMIT ` + strconv.Itoa(cap(wake)) + `) p),
 		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + `
 		  WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at > now())`,
 	}
@@ -181,14 +185,17 @@ func (p *Poller) run(ctx context.Context) {
 		p.mu.Unlock()
 
 		if due {
-			if !now.Before(nextInterval) {
+			intervalPoll := !now.Before(nextInterval)
+			if intervalPoll {
 				nextInterval = now.Add(p.interval + p.jitter())
 			}
 			p.poll(ctx)
 			if ctx.Err() != nil {
 				return
 			}
-			if p.repair {
+			// Repair on the interval's polls only: the extra ones (a job
+			// falling due, a reconnect) are on a latency path.
+			if p.repair && intervalPoll {
 				p.repairTriggers(ctx)
 			}
 			continue
@@ -217,15 +224,14 @@ func (p *Poller) jitter() time.Duration {
 	return rand.N(p.opts.jitter)
 }
 
-// poll counts pending jobs, at most as many as wake has room for, sends that
-// many JobAvailable, and schedules the next poll for the earliest future job.
+// poll counts pending jobs, at most as many as wake can hold, sends one
+// JobAvailable per job for which wake has room, and schedules the next poll for the earliest future job.
 func (p *Poller) poll(ctx context.Context) {
 	p.stats.polls.Add(1)
-	free := cap(p.wake) - len(p.wake)
 	var count int64
 	var next *float64
 	start := time.Now()
-	err := p.pool.QueryRow(ctx, p.query, free).Scan(&count, &next)
+	err := p.pool.QueryRow(ctx, p.query).Scan(&count, &next)
 	p.stats.pollNanos.Add(int64(time.Since(start)))
 	if err != nil {
 		if ctx.Err() != nil {
@@ -236,7 +242,9 @@ func (p *Poller) poll(ctx context.Context) {
 		p.log.Error("jobwatch: poll failed", "table", p.names.table.raw, "error", err)
 		return
 	}
-	p.stats.wake(count)
+	// Never more than the channel has room for: a woken worker fetches
+	// until nothing is due, so wake-ups beyond that would only be dropped.
+	p.stats.wake(min(count, int64(cap(p.wake)-len(p.wake))))
 	if next != nil {
 		p.scheduleIn(time.Duration(*next * float64(time.Second)))
 	}
