@@ -146,3 +146,27 @@ func TestCloseReleasesConnections(t *testing.T) {
 		return n == 0
 	})
 }
+
+// TestCatchUpWhenFirstConnectFails: the Listener cannot connect when the
+// watch starts, so nothing is listened to while a job is inserted; the
+// first successful connect wakes the watch (the poll interval is an hour).
+func TestCatchUpWhenFirstConnectFails(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	p, cfg := newProxy(t, d.url)
+	p.setRefuse(true)
+	l, err := jobwatch.NewListenerConfig(cfg, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	ch := make(chan jobwatch.Message, 10)
+	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = w.Close() })
+	settle(t, w, ch)
+	require.False(t, l.Stats().Connected)
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	p.setRefuse(false)
+	waitWake(t, ch, "catch-up on the first successful connect")
+}

@@ -122,18 +122,19 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	// The poller starts after the subscription so that a job inserted
 	// between the first poll and the LISTEN cannot be missed; the reconnect
 	// callback may run before it exists.
-	var pollerReady = make(chan struct{})
+	pollerReady := make(chan struct{})
 	w.removeReconnect = listener.addReconnect(func(ctx context.Context, conn *pgx.Conn) error {
-		if listener.stats.connects.Load() == 1 {
-			return nil // the Listener's first connect: the start-up above did this
+		select {
+		case <-pollerReady:
+		default:
+			// A connect during this watch's own Subscribe: the install
+			// above and the poller's first poll, which comes after it,
+			// already cover it.
+			return nil
 		}
 		install(ctx, conn, "reconnect")
 		stats.wake(1)
-		select {
-		case <-pollerReady:
-			w.poller.pollSoon()
-		default:
-		}
+		w.poller.pollSoon()
 		return nil
 	})
 	w.sub, err = listener.Subscribe(n.channel, func(msg Notification) {
