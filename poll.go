@@ -50,6 +50,7 @@ type Poller struct {
 	mu        sync.Mutex
 	pollNow   bool
 	scheduled time.Time // when the earliest known future job is due; zero if none
+	trailAt   time.Time // when to look for jobs whose notification the gate skipped; zero if not
 
 	stats *counters
 }
@@ -173,21 +174,33 @@ func (p *Poller) run(ctx context.Context) {
 	for {
 		now := time.Now()
 		p.mu.Lock()
-		due := p.pollNow || !now.Before(nextInterval) || (!p.scheduled.IsZero() && !now.Before(p.scheduled))
+		reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
+		intervalPoll := !now.Before(nextInterval)
+		trailing := reached(p.trailAt)
+		due := p.pollNow || intervalPoll || trailing || reached(p.scheduled)
 		if due {
 			p.pollNow = false
 			p.scheduled = time.Time{}
+			if trailing {
+				p.trailAt = time.Time{}
+			}
 		}
 		wakeAt := nextInterval
-		if !p.scheduled.IsZero() && p.scheduled.Before(wakeAt) {
-			wakeAt = p.scheduled
+		for _, t := range []time.Time{p.scheduled, p.trailAt} {
+			if !t.IsZero() && t.Before(wakeAt) {
+				wakeAt = t
+			}
 		}
 		p.mu.Unlock()
 
 		if due {
-			intervalPoll := !now.Before(nextInterval)
 			if intervalPoll {
 				nextInterval = now.Add(p.interval + p.jitter())
+			}
+			if trailing && p.skippersOpen(ctx) {
+				// A transaction that skipped its notification is still
+				// open: look again after it may have committed.
+				p.trailIn(trailDelay)
 			}
 			p.poll(ctx)
 			if ctx.Err() != nil {
@@ -215,6 +228,39 @@ func (p *Poller) run(ctx context.Context) {
 			}
 		}
 	}
+}
+
+// trailDelay is how long after a gated notification (see WithNotifyGate)
+// the poller looks for jobs of transactions that skipped theirs, and how
+// often it looks again while such a transaction is open.
+const trailDelay = 5 * time.Millisecond
+
+// trailIn asks for a trailing poll after d unless one is due sooner.
+func (p *Poller) trailIn(d time.Duration) {
+	at := time.Now().Add(d)
+	p.mu.Lock()
+	if !p.trailAt.IsZero() && !at.Before(p.trailAt) {
+		p.mu.Unlock()
+		return
+	}
+	p.trailAt = at
+	p.mu.Unlock()
+	p.signal()
+}
+
+// skippersOpen reports whether a transaction that skipped its notification
+// under the notify gate is still open: such transactions hold the gate's
+// skip key in shared mode, so an exclusive try fails while any is open.
+// It runs before the poll's own statement, whose snapshot then sees every
+// such transaction that had ended.
+func (p *Poller) skippersOpen(ctx context.Context) bool {
+	var free bool
+	err := p.pool.QueryRow(ctx, `SELECT CASE WHEN pg_try_advisory_lock(`+gateSkipKey+`, hashtext($1))
+		THEN pg_advisory_unlock(`+gateSkipKey+`, hashtext($1)) ELSE false END`, p.names.channel).Scan(&free)
+	if err != nil {
+		return true // cannot tell: look again
+	}
+	return !free
 }
 
 func (p *Poller) jitter() time.Duration {
@@ -251,7 +297,7 @@ func (p *Poller) poll(ctx context.Context) {
 }
 
 func (p *Poller) repairTriggers(ctx context.Context) {
-	installed, err := ensureTriggers(ctx, p.pool, p.names, p.log)
+	installed, err := ensureTriggers(ctx, p.pool, p.names, p.opts)
 	switch {
 	case err == nil:
 		if installed {

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strconv"
 	"strings"
 
@@ -35,8 +34,16 @@ var (
 // became due in one statement; payloadIn+"<seconds>" means the earliest job
 // of a statement is due that many seconds from now.
 const (
-	payloadDue = "due:"
-	payloadIn  = "in:"
+	payloadDue   = "due:"
+	payloadIn    = "in:"
+	payloadGated = "g:" // prefix: sent by a gated trigger (see WithNotifyGate)
+)
+
+// The advisory lock keys of the notify gate: the first int4 of each, the
+// second being hashtext(channel).
+const (
+	gateNotifyKey = "hashtext('jobwatch notify')"
+	gateSkipKey   = "hashtext('jobwatch skip')"
 )
 
 // transitionTable is the name the statement triggers give their NEW TABLE.
@@ -80,7 +87,17 @@ func CreateNotificationTriggerSQL(tableName string) string {
 		return "DO " + dollarQuote("jobwatch",
 			" BEGIN RAISE EXCEPTION 'jobwatch: %', "+quoteLiteral(err.Error())+" USING ERRCODE = '42602'; END ")
 	}
-	return n.triggerSQL()
+	return n.triggerSQL(false)
+}
+
+// CreateNotificationTriggerSQLWith is CreateNotificationTriggerSQL with
+// options; WithNotifyGate is the one that changes the script.
+func CreateNotificationTriggerSQLWith(tableName string, opts ...Option) string {
+	n, err := deriveNames(tableName)
+	if err != nil {
+		return CreateNotificationTriggerSQL(tableName)
+	}
+	return n.triggerSQL(buildOptions(opts).gate)
 }
 
 // quoteLiteral returns s as an SQL string literal that reads the same
@@ -102,7 +119,7 @@ func dollarQuote(tag, body string) string {
 	return t + body + t
 }
 
-func (n names) triggerSQL() string {
+func (n names) triggerSQL(gate bool) string {
 	chanLit := quoteLiteral(n.channel)
 	fn := n.table.qualify(n.function)
 	table := n.table.quoted()
@@ -111,6 +128,18 @@ func (n names) triggerSQL() string {
 		schemaKey = quoteLiteral(n.table.schema)
 	}
 
+	// The gate: every notifying transaction first takes the skip key in
+	// shared mode; then only the one holding the notify key notifies, the
+	// others skip, and the watcher's trailing polls find their jobs.
+	gateSQL, prefix := "", "''"
+	if gate {
+		gateSQL = `
+    PERFORM pg_advisory_xact_lock_shared(` + gateSkipKey + `, hashtext(` + chanLit + `));
+    IF NOT pg_try_advisory_xact_lock(` + gateNotifyKey + `, hashtext(` + chanLit + `)) THEN
+        RETURN NULL;
+    END IF;`
+		prefix = "'" + payloadGated + "'"
+	}
 	body := `
 DECLARE
     due bigint;
@@ -124,13 +153,16 @@ BEGIN
       INTO due, next_at
       FROM ` + transitionTable + ` j
      WHERE j.status::text IN ('job_status_not_started', 'job_status_retry');
+    IF due = 0 AND next_at IS NULL THEN
+        RETURN NULL;
+    END IF;` + gateSQL + `
     IF due = 1 THEN
-        PERFORM pg_notify(` + chanLit + `, '');
+        PERFORM pg_notify(` + chanLit + `, ` + prefix + `);
     ELSIF due > 1 THEN
-        PERFORM pg_notify(` + chanLit + `, '` + payloadDue + `' || due);
+        PERFORM pg_notify(` + chanLit + `, ` + prefix + ` || '` + payloadDue + `' || due);
     END IF;
     IF next_at IS NOT NULL THEN
-        PERFORM pg_notify(` + chanLit + `, '` + payloadIn + `' || extract(epoch FROM next_at - clock_timestamp()));
+        PERFORM pg_notify(` + chanLit + `, ` + prefix + ` || '` + payloadIn + `' || extract(epoch FROM next_at - clock_timestamp()));
     END IF;
     RETURN NULL;
 END
@@ -185,8 +217,8 @@ func pgIdent(s string) string {
 
 // installTriggers runs the trigger script and maps its errors to this
 // package's sentinels.
-func installTriggers(ctx context.Context, db execer, n names) error {
-	_, err := db.Exec(ctx, n.triggerSQL())
+func installTriggers(ctx context.Context, db execer, n names, gate bool) error {
+	_, err := db.Exec(ctx, n.triggerSQL(gate))
 	if err == nil {
 		return nil
 	}
@@ -250,20 +282,21 @@ func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableNa
 		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, ErrNilPool)
 	}
 	o := buildOptions(opts)
-	_, err = ensureTriggers(ctx, pool, n, o.logger)
+	_, err = ensureTriggers(ctx, pool, n, o)
 	return err
 }
 
 // ensureTriggers is EnsureNotificationTriggers after validation; it reports
 // whether it installed anything.
-func ensureTriggers(ctx context.Context, pool *pgxpool.Pool, n names, logger *slog.Logger) (bool, error) {
+func ensureTriggers(ctx context.Context, pool *pgxpool.Pool, n names, o options) (bool, error) {
+	logger := o.logger
 	healthy, err := triggersHealthy(ctx, pool, n)
 	if err != nil || healthy {
 		return false, err
 	}
 	logger.Info("jobwatch: notification triggers missing, recreating",
 		"table", n.table.raw, "insert_trigger", n.insertTrigger, "update_trigger", n.updateTrigger)
-	if err := installTriggers(ctx, pool, n); err != nil {
+	if err := installTriggers(ctx, pool, n, o.gate); err != nil {
 		return false, err
 	}
 	logger.Info("jobwatch: recreated notification triggers", "table", n.table.raw)

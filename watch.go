@@ -103,7 +103,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	log := o.logger
 
 	install := func(ctx context.Context, db execer, when string) {
-		err := installTriggers(ctx, db, n)
+		err := installTriggers(ctx, db, n, o.gate)
 		switch {
 		case err == nil:
 		case ctx.Err() != nil:
@@ -139,7 +139,15 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	})
 	w.sub, err = listener.Subscribe(n.channel, func(msg Notification) {
 		stats.notifications.Add(1)
-		switch due, later := parsePayload(msg.Payload); {
+		due, later, gated := parsePayload(msg.Payload)
+		if gated {
+			select {
+			case <-pollerReady:
+				w.poller.trailIn(trailDelay)
+			default:
+			}
+		}
+		switch {
 		case later > 0:
 			select {
 			case <-pollerReady:
@@ -162,24 +170,25 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	return w, nil
 }
 
-// parsePayload reads a notification payload (see payloadDue and payloadIn):
-// how many jobs are due now, or how long until the earliest is due.
-// Unknown payloads count as one due job.
-func parsePayload(p string) (due int64, later time.Duration) {
+// parsePayload reads a notification payload (see payloadDue, payloadIn and
+// payloadGated): how many jobs are due now, or how long until the earliest
+// is due, and whether a notify gate sent it. Unknown payloads count as one
+// due job.
+func parsePayload(p string) (due int64, later time.Duration, gated bool) {
+	if rest, ok := strings.CutPrefix(p, payloadGated); ok {
+		p, gated = rest, true
+	}
 	switch {
 	case strings.HasPrefix(p, payloadDue):
 		if n, err := strconv.ParseInt(p[len(payloadDue):], 10, 64); err == nil && n > 0 {
-			return n, 0
+			return n, 0, gated
 		}
 	case strings.HasPrefix(p, payloadIn):
-		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil {
-			if secs <= 0 {
-				return 1, 0
-			}
-			return 0, time.Duration(secs * float64(time.Second))
+		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil && secs > 0 {
+			return 0, time.Duration(secs * float64(time.Second)), gated
 		}
 	}
-	return 1, 0
+	return 1, 0, gated
 }
 
 // Close unsubscribes, stops the poller and waits for it to exit. Cancelling

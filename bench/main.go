@@ -449,11 +449,13 @@ func pollCost(ctx context.Context, _ string, pool *pgxpool.Pool, quiet jobwatch.
 	return nil
 }
 
-// producers: 16 connections inserting single jobs, with and without
-// jobwatch's triggers.
-func producers(ctx context.Context, _ string, pool *pgxpool.Pool, _ jobwatch.Option) error {
+// producers: 16 connections inserting single jobs, without a trigger, with
+// jobwatch's triggers, and with the notify gate; then, with the gate and a
+// consumer running, how long after its INSERT each job is fetched.
+func producers(ctx context.Context, dbURL string, pool *pgxpool.Pool, quiet jobwatch.Option) error {
 	fmt.Fprintln(os.Stderr, "concurrent producers...")
-	for _, t := range []string{"prod_plain", "prod_jobwatch"} {
+	tables := []string{"prod_plain", "prod_jobwatch", "prod_gated"}
+	for _, t := range tables {
 		if err := exec1(ctx, pool, jobwatch.CreateJobTableSQL(t)); err != nil {
 			return err
 		}
@@ -461,49 +463,128 @@ func producers(ctx context.Context, _ string, pool *pgxpool.Pool, _ jobwatch.Opt
 	if err := exec1(ctx, pool, jobwatch.CreateNotificationTriggerSQL("prod_jobwatch")); err != nil {
 		return err
 	}
+	if err := exec1(ctx, pool, jobwatch.CreateNotificationTriggerSQLWith("prod_gated", jobwatch.WithNotifyGate(true))); err != nil {
+		return err
+	}
 	dur := 5 * time.Second
 	if *quick {
 		dur = 2 * time.Second
 	}
-	rate := func(table string) (float64, error) {
-		var count atomic.Int64
-		var firstErr atomic.Pointer[error]
-		deadline := time.Now().Add(dur)
-		var wg sync.WaitGroup
-		for range 16 {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				for time.Now().Before(deadline) {
-					if _, err := pool.Exec(ctx, "INSERT INTO "+table+" DEFAULT VALUES"); err != nil {
-						firstErr.CompareAndSwap(nil, &err)
-						return
-					}
-					count.Add(1)
-				}
-			}()
-		}
-		wg.Wait()
-		if e := firstErr.Load(); e != nil {
-			return 0, *e
-		}
-		return float64(count.Load()) / dur.Seconds(), nil
-	}
-	var plain, jw []float64
+	rates := map[string]float64{}
 	for range 2 {
-		a, err := rate("prod_plain")
-		if err != nil {
-			return err
+		for _, t := range tables {
+			r, err := insertFlat(ctx, pool, t, dur)
+			if err != nil {
+				return err
+			}
+			rates[t] += r / 2
 		}
-		b, err := rate("prod_jobwatch")
-		if err != nil {
-			return err
-		}
-		plain, jw = append(plain, a), append(jw, b)
 	}
-	a, b := (plain[0]+plain[1])/2, (jw[0]+jw[1])/2
-	report(row{"16 concurrent producers, single-row inserts/s", fmt.Sprintf("%.0f/s", b), fmt.Sprintf("%.0f/s (no trigger)", a), ratio(b, a), "at least 0.80"})
+	plain := rates["prod_plain"]
+	report(row{"16 concurrent producers, single-row inserts/s, jobwatch's triggers", fmt.Sprintf("%.0f/s", rates["prod_jobwatch"]),
+		fmt.Sprintf("%.0f/s (no trigger)", plain), ratio(rates["prod_jobwatch"], plain), "at least 0.80"})
+	report(row{"same, with WithNotifyGate(true)", fmt.Sprintf("%.0f/s", rates["prod_gated"]),
+		fmt.Sprintf("%.0f/s (no trigger)", plain), ratio(rates["prod_gated"], plain), "at least 0.80"})
+
+	// Delay from INSERT to fetch under the gate, with a consumer.
+	if err := exec1(ctx, pool, "TRUNCATE prod_gated"); err != nil {
+		return err
+	}
+	l, err := jobwatch.NewListener(dbURL, quiet)
+	if err != nil {
+		return err
+	}
+	defer l.Close()
+	wake := make(chan jobwatch.Message, 64)
+	w, err := jobwatch.WatchForJob(ctx, pool, l, "prod_gated", time.Minute, wake, quiet, jobwatch.WithNotifyGate(true))
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	cctx, stop := context.WithCancel(ctx)
+	var delays []time.Duration
+	consumed := make(chan struct{})
+	go func() {
+		defer close(consumed)
+		for {
+			select {
+			case <-cctx.Done():
+				return
+			case <-wake:
+			}
+			for {
+				rows, err := pool.Query(ctx, `UPDATE prod_gated SET status = 'job_status_running', locked_at = now(), locked_by = gen_random_uuid()
+					WHERE id IN (SELECT id FROM prod_gated WHERE status = 'job_status_not_started' AND locked_by IS NULL AND run_at <= now()
+						LIMIT 2000 FOR UPDATE SKIP LOCKED)
+					RETURNING extract(epoch FROM clock_timestamp() - created_at)::float8`)
+				if err != nil {
+					return
+				}
+				n := 0
+				for rows.Next() {
+					var s float64
+					_ = rows.Scan(&s)
+					delays = append(delays, time.Duration(s*float64(time.Second)))
+					n++
+				}
+				rows.Close()
+				if n == 0 {
+					break
+				}
+			}
+		}
+	}()
+	if _, err := insertFlat(ctx, pool, "prod_gated", dur); err != nil {
+		stop()
+		return err
+	}
+	var pending int
+	for i := 0; i < 500; i++ {
+		if err := pool.QueryRow(ctx, "SELECT count(*) FROM prod_gated WHERE status = 'job_status_not_started'").Scan(&pending); err != nil {
+			stop()
+			return err
+		}
+		if pending == 0 {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	stop()
+	<-consumed
+	if pending != 0 {
+		return fmt.Errorf("gated producers: %d jobs never woken", pending)
+	}
+	report(row{fmt.Sprintf("same, gated, with a consumer: INSERT to fetch p50 / p99 / max (%d jobs)", len(delays)),
+		ms(percentile(delays, 50)) + " / " + ms(percentile(delays, 99)) + " / " + ms(percentile(delays, 100)),
+		"", "", "every job woken, bounded delay"})
 	return nil
+}
+
+// insertFlat runs 16 connections inserting one job per transaction into
+// table for dur and returns the rate.
+func insertFlat(ctx context.Context, pool *pgxpool.Pool, table string, dur time.Duration) (float64, error) {
+	var count atomic.Int64
+	var firstErr atomic.Pointer[error]
+	deadline := time.Now().Add(dur)
+	var wg sync.WaitGroup
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(deadline) {
+				if _, err := pool.Exec(ctx, "INSERT INTO "+table+" DEFAULT VALUES"); err != nil {
+					firstErr.CompareAndSwap(nil, &err)
+					return
+				}
+				count.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	if e := firstErr.Load(); e != nil {
+		return 0, *e
+	}
+	return float64(count.Load()) / dur.Seconds(), nil
 }
 
 // endToEnd runs the example worker and measures INSERT start to job start
