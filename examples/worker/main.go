@@ -244,27 +244,40 @@ type worker struct {
 	ran, failed, fetches atomic.Int64
 }
 
-// fetchLoop waits for a wake-up, then fetches due jobs, as many at a time
-// as there are free slots, and starts them, until none is due. One
-// statement (UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING) locks a batch,
-// and a completer marks finished jobs in batches, so a burst costs a few
-// round trips per batch instead of two commits per job. On shutdown it
-// stops fetching and waits for the jobs it started.
+// fetchLoop runs the fetchers and the completer. Each fetcher waits for a
+// wake-up, then fetches due jobs, as many at a time as there are free
+// slots, and starts them, until none is due. One statement (UPDATE ... FOR
+// UPDATE SKIP LOCKED ... RETURNING) locks a batch; two fetchers keep a
+// round trip in flight while the other's jobs start; a completer marks
+// finished jobs in batches. A burst thus costs a few round trips per batch
+// instead of two commits per job. On shutdown fetching stops and the loop
+// waits for the jobs it started and their recording.
 func (w *worker) fetchLoop(ctx context.Context, wake <-chan jobwatch.Message) {
 	slots := make(chan struct{}, w.c.concurrency)
-	results := make(chan result, w.c.concurrency)
+	// Results wait here for the completer; a job's slot is free as soon
+	// as the job returns.
+	results := make(chan result, 64*w.c.concurrency)
 	completerDone := make(chan struct{})
 	go func() {
 		defer close(completerDone)
 		w.complete(results)
 	}()
-	var running sync.WaitGroup
-	defer func() {
-		running.Wait()
-		close(results)
-		<-completerDone
-	}()
+	var running, fetchers sync.WaitGroup
+	for range min(2, w.c.concurrency) {
+		fetchers.Add(1)
+		go func() {
+			defer fetchers.Done()
+			w.fetcher(ctx, wake, slots, results, &running)
+		}()
+	}
+	fetchers.Wait()
+	running.Wait()
+	close(results)
+	<-completerDone
+}
 
+func (w *worker) fetcher(ctx context.Context, wake <-chan jobwatch.Message, slots chan struct{},
+	results chan<- result, running *sync.WaitGroup) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -279,14 +292,14 @@ func (w *worker) fetchLoop(ctx context.Context, wake <-chan jobwatch.Message) {
 				return
 			}
 			free := 1
+		take:
 			for free < w.c.concurrency {
 				select {
 				case slots <- struct{}{}:
 					free++
-					continue
 				default:
+					break take
 				}
-				break
 			}
 			jobs, err := w.fetch(ctx, free)
 			if err != nil && ctx.Err() == nil {
@@ -299,8 +312,9 @@ func (w *worker) fetchLoop(ctx context.Context, wake <-chan jobwatch.Message) {
 				running.Add(1)
 				go func() {
 					defer running.Done()
-					defer func() { <-slots }()
-					results <- result{job: j, err: w.perform(j.attempts)}
+					r := result{job: j, err: w.perform(j.attempts)}
+					<-slots
+					results <- r
 				}()
 			}
 			if len(jobs) < free {
