@@ -2,6 +2,9 @@ package jobwatch_test
 
 import (
 	"context"
+	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -169,4 +172,56 @@ func TestCatchUpWhenFirstConnectFails(t *testing.T) {
 	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
 	p.setRefuse(false)
 	waitWake(t, ch, "catch-up on the first successful connect")
+}
+
+// TestNoSendAfterClose: once Watch.Close returns nothing is sent on the
+// wake channel, so the caller may close it. A notification callback is held
+// in the middle of a send (its "channel full" log line blocks); Close must
+// wait for it.
+func TestNoSendAfterClose(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	h := &blockingHandler{match: "wake channel full", blocked: make(chan struct{}), release: make(chan struct{})}
+	opt := jobwatch.WithLogger(slog.New(h))
+	w, ch, _ := startWatch(t, d, "jobs", time.Hour, 1, opt)
+	ch <- jobwatch.JobAvailable // full: the next wake-up is dropped and logged
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	select {
+	case <-h.blocked:
+	case <-time.After(waitLimit):
+		t.Fatal("the callback never reached its send")
+	}
+	closed := make(chan struct{})
+	go func() {
+		_ = w.Close()
+		close(closed)
+	}()
+	select {
+	case <-closed:
+		t.Fatal("Close returned while a callback was still sending")
+	case <-time.After(100 * time.Millisecond):
+	}
+	close(h.release)
+	<-closed
+	close(ch) // nothing may be sent any more
+}
+
+// blockingHandler blocks the first log call whose message contains match
+// until release is closed.
+type blockingHandler struct {
+	match   string
+	once    sync.Once
+	blocked chan struct{}
+	release chan struct{}
+}
+
+func (h *blockingHandler) Enabled(context.Context, slog.Level) bool { return true }
+func (h *blockingHandler) WithAttrs([]slog.Attr) slog.Handler       { return h }
+func (h *blockingHandler) WithGroup(string) slog.Handler            { return h }
+func (h *blockingHandler) Handle(_ context.Context, r slog.Record) error {
+	if strings.Contains(r.Message, h.match) {
+		h.once.Do(func() { close(h.blocked) })
+		<-h.release
+	}
+	return nil
 }

@@ -335,7 +335,8 @@ func (l *Listener) addReconnect(callback func(ctx context.Context, conn *pgx.Con
 }
 
 // Close stops the Listener: it closes the connection, stops every
-// subscription's goroutine and waits for them all to exit. Subscribe after
+// subscription's goroutine and waits for them all to exit (a callback that
+// is running is waited for, so do not call Close from one). Subscribe after
 // Close returns ErrListenerClosed. Close is idempotent.
 func (l *Listener) Close() error {
 	if l == nil {

@@ -60,6 +60,11 @@ type Watch struct {
 	stats           *counters
 	done            chan struct{}
 
+	// closing is held for reading by the callbacks while they act and
+	// taken for writing by Close, so that nothing reaches the caller's
+	// channel once Close has returned (the caller may then close it).
+	closing   sync.RWMutex
+	closed    bool
 	closeOnce sync.Once
 }
 
@@ -133,11 +138,20 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 			return nil
 		}
 		install(ctx, conn, "reconnect")
-		stats.wake(1)
-		w.poller.pollSoon()
+		w.closing.RLock()
+		defer w.closing.RUnlock()
+		if !w.closed {
+			stats.wake(1)
+			w.poller.pollSoon()
+		}
 		return nil
 	})
 	w.sub, err = listener.Subscribe(n.channel, func(msg Notification) {
+		w.closing.RLock()
+		defer w.closing.RUnlock()
+		if w.closed {
+			return
+		}
 		stats.notifications.Add(1)
 		due, later, gated := parsePayload(msg.Payload)
 		if gated {
@@ -191,8 +205,9 @@ func parsePayload(p string) (due int64, later time.Duration, gated bool) {
 	return 1, 0, gated
 }
 
-// Close unsubscribes, stops the poller and waits for it to exit. Cancelling
-// the watch's context does the same. Close is idempotent.
+// Close unsubscribes, stops the poller and waits for it to exit. Once it
+// returns nothing more is sent on the wake channel, so the caller may close
+// it. Cancelling the watch's context does the same. Close is idempotent.
 func (w *Watch) Close() error {
 	if w == nil {
 		return nil
@@ -201,6 +216,9 @@ func (w *Watch) Close() error {
 		if w.stopAfter != nil {
 			w.stopAfter()
 		}
+		w.closing.Lock()
+		w.closed = true
+		w.closing.Unlock()
 		w.removeReconnect()
 		w.listener.Unsubscribe(w.sub)
 		_ = w.poller.Close()
