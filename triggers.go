@@ -46,6 +46,10 @@ const (
 	gateSkipKey   = "hashtext('jobwatch skip')"
 )
 
+// maxDueCount caps the count of due rows a statement's notification
+// carries.
+const maxDueCount = 1000
+
 // transitionTable is the name the statement triggers give their NEW TABLE.
 const transitionTable = "jobwatch_new_rows"
 
@@ -74,7 +78,7 @@ type execer interface {
 // from a transition table: a statement that leaves rows in
 // job_status_not_started or job_status_retry sends one NOTIFY on
 // ChannelName(tableName) when some are due now (payload "" for one job,
-// "due:<n>" for n), and one with payload "in:<seconds>" when some are
+// "due:<n>" for n, counted up to 1000), and one with payload "in:<seconds>" when some are
 // scheduled for later (the time until the earliest). Any payload wakes an
 // IHP worker, which ignores it. The function also works when
 // called by IHP's per-row triggers, so IHP and Go workers can share a table.
@@ -149,10 +153,13 @@ BEGIN
         PERFORM pg_notify(` + chanLit + `, '');
         RETURN NULL;
     END IF;
-    SELECT count(*) FILTER (WHERE j.run_at <= now()), min(j.run_at) FILTER (WHERE j.run_at > now())
-      INTO due, next_at
-      FROM ` + transitionTable + ` j
-     WHERE j.status::text IN ('job_status_not_started', 'job_status_retry');
+    -- How many rows are due (counted up to ` + strconv.Itoa(maxDueCount) + `: no watcher wakes more
+    -- workers than that), and when the earliest future one is due.
+    SELECT count(*) INTO due FROM (SELECT 1 FROM ` + transitionTable + ` j
+     WHERE j.run_at <= now() AND j.status::text IN ('job_status_not_started', 'job_status_retry')
+     LIMIT ` + strconv.Itoa(maxDueCount) + `) d;
+    SELECT min(j.run_at) INTO next_at FROM ` + transitionTable + ` j
+     WHERE j.run_at > now() AND j.status::text IN ('job_status_not_started', 'job_status_retry');
     IF due = 0 AND next_at IS NULL THEN
         RETURN NULL;
     END IF;` + gateSQL + `
