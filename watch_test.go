@@ -281,6 +281,9 @@ func TestBadArguments(t *testing.T) {
 		{"missing table", jobwatch.ErrTableNotFound, func() error {
 			return jobwatch.EnsureNotificationTriggers(ctx, d.pool, "no_such_table")
 		}},
+		{"missing schema", jobwatch.ErrTableNotFound, func() error {
+			return jobwatch.EnsureNotificationTriggers(ctx, d.pool, "no_such_schema.jobs")
+		}},
 		{"missing table, healthy", jobwatch.ErrTableNotFound, func() error {
 			_, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, "no_such_table")
 			return err
