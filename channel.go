@@ -221,6 +221,19 @@ func ChannelName(tableName string) string {
 	return n.channel
 }
 
+// QuoteTableName reads tableName as every function of this package does
+// ([schema.]table, unquoted parts folded to lower case, quoted parts kept)
+// and returns it quoted for use in SQL, such as a job runner's fetch query.
+// It returns an error wrapping ErrInvalidTableName for a name that is not
+// one.
+func QuoteTableName(tableName string) (string, error) {
+	ref, err := parseTableName(tableName)
+	if err != nil {
+		return "", fmt.Errorf("jobwatch: %w", err)
+	}
+	return ref.quoted(), nil
+}
+
 // trySend puts msg on wake without blocking and reports whether it did.
 func trySend(wake chan<- Message, msg Message) bool {
 	select {

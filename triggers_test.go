@@ -328,3 +328,23 @@ func TestNotifyGate(t *testing.T) {
 	waitWake(t, ch, "uncontended insert")
 	eventually(t, "notified", func() bool { return w.Stats().Notifications == 2 })
 }
+
+func TestQuoteTableName(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]string{
+		"jobs":         `"jobs"`,
+		"App.Jobs":     `"app"."jobs"`,
+		`"MixedJobs"`:  `"MixedJobs"`,
+		`app."a""b.c"`: `"app"."a""b.c"`,
+		` jobs `:       `"jobs"`,
+		`"x"."y"`:      `"x"."y"`,
+	} {
+		got, err := jobwatch.QuoteTableName(in)
+		require.NoError(t, err, in)
+		assert.Equal(t, want, got, in)
+	}
+	for _, bad := range []string{"", "a.b.c", `"unterminated`, "jobs; DROP TABLE x", `""`, "a..b", "1jobs", "a.", `"a"b`} {
+		_, err := jobwatch.QuoteTableName(bad)
+		assert.ErrorIs(t, err, jobwatch.ErrInvalidTableName, bad)
+	}
+}

@@ -161,7 +161,7 @@ type queries struct {
 }
 
 func newQueries(table string) (queries, error) {
-	ident, err := quoteTable(table)
+	ident, err := jobwatch.QuoteTableName(table)
 	if err != nil {
 		return queries{}, err
 	}
@@ -192,32 +192,6 @@ func newQueries(table string) (queries, error) {
 		busy: `SELECT EXISTS (SELECT 1 FROM ` + ident + `
 			WHERE status IN ('job_status_not_started', 'job_status_retry', 'job_status_running'))`,
 	}, nil
-}
-
-// quoteTable quotes a [schema.]table name with pgx's identifier sanitizing.
-func quoteTable(table string) (string, error) {
-	var ident pgx.Identifier
-	for part := range splitDots(table) {
-		ident = append(ident, part)
-	}
-	if len(ident) == 0 || len(ident) > 2 {
-		return "", fmt.Errorf("invalid table name %q: want [schema.]table", table)
-	}
-	return ident.Sanitize(), nil
-}
-
-func splitDots(s string) func(func(string) bool) {
-	return func(yield func(string) bool) {
-		start := 0
-		for i := 0; i <= len(s); i++ {
-			if i == len(s) || s[i] == '.' {
-				if !yield(s[start:i]) {
-					return
-				}
-				start = i + 1
-			}
-		}
-	}
 }
 
 func enqueueDemo(ctx context.Context, pool *pgxpool.Pool, q queries, now, later int) error {
