@@ -212,7 +212,10 @@ func (s *Subscription) call(n Notification) {
 // starts the connection and waits for its first attempt. When Subscribe
 // returns and the Listener is connected, the channel is being listened to;
 // when it is not connected, the LISTEN is issued as soon as it connects.
-// A panic in callback is logged and the subscription goes on.
+// A panic in callback is logged and the subscription goes on. While a
+// callback runs, later notifications for it wait in its queue, which has no
+// bound: nothing is dropped, and a callback that never returns holds them
+// all.
 func (l *Listener) Subscribe(channel string, callback func(Notification)) (*Subscription, error) {
 	if l == nil {
 		return nil, fmt.Errorf("jobwatch: subscribe: %w", ErrNilListener)
