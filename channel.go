@@ -22,6 +22,7 @@ const maxIdentifierLen = 63
 const (
 	channelPrefix       = "job_available_"
 	functionPrefix      = "notify_job_queued_"
+	stmtFunctionPrefix  = "jobwatch_notify_" // jobwatch's own; see names.stmtFunction
 	insertTriggerPrefix = "did_insert_job_"
 	updateTriggerPrefix = "did_update_job_"
 )
@@ -184,9 +185,15 @@ func derivedName(prefix, base string) string {
 
 // names holds every name derived from one table name.
 type names struct {
-	table         tableRef
-	channel       string
-	function      string
+	table    tableRef
+	channel  string
+	function string // IHP's trigger function name
+	// stmtFunction is the function jobwatch's statement triggers call. It
+	// is not IHP's, because an IHP worker re-creates that one with its
+	// per-row body at every start; called once per statement, that body
+	// would notify on every UPDATE, the fetch's own included, and wake the
+	// workers in a loop.
+	stmtFunction  string
 	insertTrigger string
 	updateTrigger string
 }
@@ -201,6 +208,7 @@ func deriveNames(tableName string) (names, error) {
 		table:         ref,
 		channel:       derivedName(channelPrefix, b),
 		function:      derivedName(functionPrefix, b),
+		stmtFunction:  derivedName(stmtFunctionPrefix, b),
 		insertTrigger: derivedName(insertTriggerPrefix, b),
 		updateTrigger: derivedName(updateTriggerPrefix, b),
 	}, nil

@@ -67,8 +67,13 @@ type execer interface {
 //     IHP uses), so only one installer works at a time and the others fail at
 //     once with SQLSTATE 55P03 instead of queueing or meeting "tuple
 //     concurrently updated";
-//   - always refreshes the trigger function with CREATE OR REPLACE FUNCTION,
-//     which locks only the function's catalog row;
+//   - always refreshes the trigger functions with CREATE OR REPLACE
+//     FUNCTION, which locks only the functions' catalog rows: IHP's
+//     notify_job_queued_<table>, which serves IHP's per-row triggers when
+//     those are installed, and jobwatch_notify_<table>, which jobwatch's
+//     statement triggers call (an IHP worker replaces IHP's function with
+//     its per-row body whenever it starts, and that body, run per statement,
+//     would notify on every UPDATE);
 //   - creates each of the two triggers (AFTER INSERT and AFTER UPDATE) only
 //     when it is missing, after taking the table lock with NOWAIT under a
 //     short lock_timeout, so it never queues behind a writer and never makes
@@ -80,8 +85,8 @@ type execer interface {
 // ChannelName(tableName) when some are due now (payload "" for one job,
 // "due:<n>" for n, counted up to 1000), and one with payload "in:<seconds>" when some are
 // scheduled for later (the time until the earliest). Any payload wakes an
-// IHP worker, which ignores it. The function also works when
-// called by IHP's per-row triggers, so IHP and Go workers can share a table.
+// IHP worker, which ignores it. The function body also works when called by
+// IHP's per-row triggers, so IHP and Go workers can share a table.
 //
 // Every name is quoted; no table name can inject SQL. For a name that is not
 // a valid table name the statement raises an error when run.
@@ -126,6 +131,7 @@ func dollarQuote(tag, body string) string {
 func (n names) triggerSQL(gate bool) string {
 	chanLit := quoteLiteral(n.channel)
 	fn := n.table.qualify(n.function)
+	stmtFn := n.table.qualify(n.stmtFunction)
 	table := n.table.quoted()
 	schemaKey := "current_schema()"
 	if n.table.schema != "" {
@@ -174,13 +180,14 @@ BEGIN
     RETURN NULL;
 END
 `
+	quotedBody := dollarQuote("jobwatch_fn", body)
 	exists := func(trigger string) string {
 		return "EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = " + quoteLiteral(trigger) + ")"
 	}
 	create := func(trigger, event string) string {
 		return "CREATE TRIGGER " + pgIdent(trigger) + " AFTER " + event + " ON " + table +
 			" REFERENCING NEW TABLE AS " + transitionTable +
-			" FOR EACH STATEMENT EXECUTE FUNCTION " + fn + "()"
+			" FOR EACH STATEMENT EXECUTE FUNCTION " + stmtFn + "()"
 	}
 	raw := quoteLiteral(n.table.raw)
 
@@ -203,7 +210,8 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext(` + schemaKey + `), hashtext(` + quoteLiteral(n.function) + `::name::text)) THEN
         RAISE EXCEPTION 'jobwatch: notification trigger installation already in progress for %', ` + raw + ` USING ERRCODE = '55P03';
     END IF;
-    CREATE OR REPLACE FUNCTION ` + fn + `() RETURNS trigger LANGUAGE plpgsql AS ` + dollarQuote("jobwatch_fn", body) + `;
+    CREATE OR REPLACE FUNCTION ` + fn + `() RETURNS trigger LANGUAGE plpgsql AS ` + quotedBody + `;
+    CREATE OR REPLACE FUNCTION ` + stmtFn + `() RETURNS trigger LANGUAGE plpgsql AS ` + quotedBody + `;
     IF NOT ` + exists(n.insertTrigger) + ` OR NOT ` + exists(n.updateTrigger) + ` THEN
         LOCK TABLE ` + table + ` IN SHARE ROW EXCLUSIVE MODE NOWAIT;
     END IF;

@@ -295,7 +295,8 @@ func FuzzTriggerSQL(f *testing.F) {
 		if i := strings.Index(sql, "AS $jobwatch_fn"); i >= 0 {
 			rest := sql[i+3:]
 			inner := rest[:strings.IndexByte(rest[1:], '$')+2]
-			if n := strings.Count(sql, inner); n != 2 {
+			// Two functions share the body: four occurrences.
+			if n := strings.Count(sql, inner); n != 4 {
 				t.Fatalf("inner tag %s occurs %d times", inner, n)
 			}
 		}
@@ -347,4 +348,24 @@ func TestQuoteTableName(t *testing.T) {
 		_, err := jobwatch.QuoteTableName(bad)
 		assert.ErrorIs(t, err, jobwatch.ErrInvalidTableName, bad)
 	}
+}
+
+// TestIHPRefreshCausesNoLoop: an IHP worker starting up re-creates
+// notify_job_queued_<table> with its per-row body. jobwatch's statement
+// triggers do not call it, so an UPDATE that leaves no job pending (such as
+// a fetch, or one matching no row) still sends nothing.
+func TestIHPRefreshCausesNoLoop(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	w, ch, _ := startWatch(t, d, "jobs", time.Hour, 10, opt)
+	// IHP's script, as its worker runs it at start (its triggers exist under
+	// the same names, so it only replaces the function).
+	d.exec(t, `CREATE OR REPLACE FUNCTION notify_job_queued_jobs() RETURNS TRIGGER AS $$
+BEGIN PERFORM pg_notify('job_available_jobs', ''); RETURN new; END; $$ language plpgsql`)
+	d.exec(t, "UPDATE jobs SET status = 'job_status_running' WHERE false")
+	d.exec(t, "INSERT INTO jobs (status) VALUES ('job_status_succeeded')")
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	waitWake(t, ch, "pending insert")
+	assert.EqualValues(t, 1, w.Stats().Notifications, "only the pending insert notified")
 }
