@@ -514,6 +514,14 @@ func (l *Listener) serve(conn *pgx.Conn) error {
 	interval := l.opts.healthCheckInterval
 	nextCheck := time.Now().Add(interval)
 	pingOutstanding := false
+	var waitCtx context.Context
+	cancelWait := context.CancelFunc(func() {})
+	defer func() {
+		l.mu.Lock()
+		l.cancelWait = nil
+		l.mu.Unlock()
+		cancelWait()
+	}()
 	for {
 		if err := l.applyChanges(conn); err != nil {
 			return fmt.Errorf("jobwatch: listener: connection lost: %w", err)
@@ -540,22 +548,21 @@ func (l *Listener) serve(conn *pgx.Conn) error {
 			l.mu.Unlock()
 			continue
 		}
-		var waitCtx context.Context
-		var cancel context.CancelFunc
-		if interval > 0 {
-			waitCtx, cancel = context.WithDeadline(l.ctx, nextCheck)
-		} else {
-			waitCtx, cancel = context.WithCancel(l.ctx)
+		// One wait context serves notification after notification until it
+		// ends: at the health check's deadline, or when Subscribe or
+		// Unsubscribe cancels it to have a LISTEN change applied.
+		if waitCtx == nil || waitCtx.Err() != nil {
+			cancelWait()
+			if interval > 0 {
+				waitCtx, cancelWait = context.WithDeadline(l.ctx, nextCheck)
+			} else {
+				waitCtx, cancelWait = context.WithCancel(l.ctx)
+			}
+			l.cancelWait = cancelWait
 		}
-		l.cancelWait = cancel
 		l.mu.Unlock()
 
 		n, err := conn.WaitForNotification(waitCtx)
-
-		l.mu.Lock()
-		l.cancelWait = nil
-		l.mu.Unlock()
-		cancel()
 		if err != nil {
 			if l.ctx.Err() != nil {
 				return l.ctx.Err()
