@@ -94,7 +94,7 @@ func TestNamesInTheDatabase(t *testing.T) {
 	require.NotContains(t, lg.String(), "level=ERROR")
 
 	for i, x := range ws {
-		d.exec(t, "INSERT INTO "+quotedForSQL(x.table)+" DEFAULT VALUES")
+		d.exec(t, "INSERT INTO "+x.table+" DEFAULT VALUES") // each name is valid SQL as written
 		waitWake(t, x.ch, x.table)
 		for _, y := range ws {
 			// jobs and public.jobs are one table, with two sets of triggers.
@@ -121,10 +121,6 @@ func TestNamesInTheDatabase(t *testing.T) {
 }
 
 func physical(table string) string { return strings.TrimPrefix(table, "public.") }
-
-// quotedForSQL writes a table name as the tests' SQL needs it: the names
-// in TestNamesInTheDatabase are valid SQL as written.
-func quotedForSQL(table string) string { return table }
 
 func TestScriptNeverDropsHealthyTrigger(t *testing.T) {
 	t.Parallel()
