@@ -280,3 +280,29 @@ func (d *dropReporter) dropped(n uint64) {
 	d.mu.Unlock()
 	d.report(count)
 }
+
+// wake sends up to n JobAvailable without blocking.
+func (c *counters) wake(n int64) {
+	var sent, dropped uint64
+	for range n {
+		if trySend(c.wakeCh, JobAvailable) {
+			sent++
+		} else {
+			dropped = uint64(n) - sent
+			break
+		}
+	}
+	c.sent.Add(sent)
+	if dropped > 0 {
+		c.drops.dropped(dropped)
+	}
+}
+
+// wakeUpTo sends up to n JobAvailable, no more than the channel has room
+// for: n jobs need at most as many wake-ups as there are free slots, because
+// a woken worker keeps fetching until none is due. Only a channel that is
+// already full counts as a dropped wake-up.
+func (c *counters) wakeUpTo(n int64) {
+	free := int64(cap(c.wakeCh) - len(c.wakeCh))
+	c.wake(max(min(n, free), 1))
+}

@@ -8,7 +8,6 @@ import (
 	"math/rand/v2"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
@@ -310,90 +309,4 @@ func (p *Poller) repairTriggers(ctx context.Context) {
 		p.stats.setError(err)
 		p.log.Error("jobwatch: trigger repair failed", "table", p.names.table.raw, "error", err)
 	}
-}
-
-// Stats is a snapshot of a Watch's or Poller's counters, for metrics.
-type Stats struct {
-	Notifications  uint64        // notifications received on the table's channel
-	WakeupsSent    uint64        // JobAvailable messages put on the wake channel
-	WakeupsDropped uint64        // JobAvailable messages dropped because the channel was full
-	Polls          uint64        // polls run
-	PollErrors     uint64        // polls that failed
-	PollTime       time.Duration // time spent in poll queries, all polls together
-	TriggerRepairs uint64        // times missing triggers were re-created
-	LastError      error         // the last poll, install or repair error; nil if none
-	LastErrorAt    time.Time     // when LastError happened
-}
-
-// counters is the live state behind Stats, shared by a Watch and its Poller.
-type counters struct {
-	wakeCh        chan<- Message
-	notifications atomic.Uint64
-	sent          atomic.Uint64
-	polls         atomic.Uint64
-	pollErrors    atomic.Uint64
-	pollNanos     atomic.Int64
-	repairs       atomic.Uint64
-	lastErr       atomic.Pointer[timedError]
-	drops         *dropReporter
-}
-
-func newCounters(n names, wake chan<- Message, o options) *counters {
-	log := o.logger
-	table := n.table.raw
-	return &counters{
-		wakeCh: wake,
-		drops: &dropReporter{
-			interval: o.dropLogInterval,
-			report: func(dropped uint64) {
-				log.Warn("jobwatch: wake channel full, wake-ups dropped", "table", table, "dropped", dropped)
-			},
-		},
-	}
-}
-
-// wake sends up to n JobAvailable without blocking.
-func (c *counters) wake(n int64) {
-	var sent, dropped uint64
-	for range n {
-		if trySend(c.wakeCh, JobAvailable) {
-			sent++
-		} else {
-			dropped = uint64(n) - sent
-			break
-		}
-	}
-	c.sent.Add(sent)
-	if dropped > 0 {
-		c.drops.dropped(dropped)
-	}
-}
-
-// wakeUpTo sends up to n JobAvailable, no more than the channel has room
-// for: n jobs need at most as many wake-ups as there are free slots, because
-// a woken worker keeps fetching until none is due. Only a channel that is
-// already full counts as a dropped wake-up.
-func (c *counters) wakeUpTo(n int64) {
-	free := int64(cap(c.wakeCh) - len(c.wakeCh))
-	c.wake(max(min(n, free), 1))
-}
-
-func (c *counters) setError(err error) {
-	c.lastErr.Store(&timedError{err: err, at: time.Now()})
-}
-
-func (c *counters) snapshot() Stats {
-	s := Stats{
-		Notifications:  c.notifications.Load(),
-		WakeupsSent:    c.sent.Load(),
-		WakeupsDropped: c.drops.total.Load(),
-		Polls:          c.polls.Load(),
-		PollErrors:     c.pollErrors.Load(),
-		PollTime:       time.Duration(c.pollNanos.Load()),
-		TriggerRepairs: c.repairs.Load(),
-	}
-	if e := c.lastErr.Load(); e != nil {
-		s.LastError, s.LastErrorAt = e.err, e.at
-	}
-	return s
 }

@@ -1,0 +1,66 @@
+package jobwatch
+
+import (
+	"sync/atomic"
+	"time"
+)
+
+// Stats is a snapshot of a Watch's or Poller's counters, for metrics.
+type Stats struct {
+	Notifications  uint64        // notifications received on the table's channel
+	WakeupsSent    uint64        // JobAvailable messages put on the wake channel
+	WakeupsDropped uint64        // JobAvailable messages dropped because the channel was full
+	Polls          uint64        // polls run
+	PollErrors     uint64        // polls that failed
+	PollTime       time.Duration // time spent in poll queries, all polls together
+	TriggerRepairs uint64        // times missing triggers were re-created
+	LastError      error         // the last poll, install or repair error; nil if none
+	LastErrorAt    time.Time     // when LastError happened
+}
+
+// counters is the live state behind Stats, shared by a Watch and its Poller.
+type counters struct {
+	wakeCh        chan<- Message
+	notifications atomic.Uint64
+	sent          atomic.Uint64
+	polls         atomic.Uint64
+	pollErrors    atomic.Uint64
+	pollNanos     atomic.Int64
+	repairs       atomic.Uint64
+	lastErr       atomic.Pointer[timedError]
+	drops         *dropReporter
+}
+
+func newCounters(n names, wake chan<- Message, o options) *counters {
+	log := o.logger
+	table := n.table.raw
+	return &counters{
+		wakeCh: wake,
+		drops: &dropReporter{
+			interval: o.dropLogInterval,
+			report: func(dropped uint64) {
+				log.Warn("jobwatch: wake channel full, wake-ups dropped", "table", table, "dropped", dropped)
+			},
+		},
+	}
+}
+
+func (c *counters) setError(err error) {
+	c.lastErr.Store(&timedError{err: err, at: time.Now()})
+}
+
+func (c *counters) snapshot() Stats {
+	s := Stats{
+		Notifications:  c.notifications.Load(),
+		WakeupsSent:    c.sent.Load(),
+		WakeupsDropped: c.drops.total.Load(),
+		Polls:          c.polls.Load(),
+		PollErrors:     c.pollErrors.Load(),
+		PollTime:       time.Duration(c.pollNanos.Load()),
+		TriggerRepairs: c.repairs.Load(),
+	}
+	if e := c.lastErr.Load(); e != nil {
+		s.LastError, s.LastErrorAt = e.err, e.at
+	}
+	return s
+}
