@@ -20,17 +20,8 @@ import (
 func TestCatchUpAfterReconnect(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
-	_, opt := newLogs(t)
-	d.jobTable(t, "jobs")
-	p, cfg := newProxy(t, d.url)
-	l, err := jobwatch.NewListenerConfig(cfg, opt)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = l.Close() })
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = w.Close() })
-	settle(t, w, ch)
+	p := proxyTo(t, d, false)
+	w, ch, l := watchThrough(t, d, p)
 
 	p.setRefuse(true)
 	p.cut()
@@ -40,6 +31,31 @@ func TestCatchUpAfterReconnect(t *testing.T) {
 	p.setRefuse(false)
 	waitWake(t, ch, "catch-up after reconnect")
 	assert.EqualValues(t, 0, w.Stats().Notifications)
+}
+
+// proxyTo starts a proxy to d's server, refusing connections from
+// the start when refuse is set.
+func proxyTo(t *testing.T, d db, refuse bool) *proxy {
+	p, _ := newProxy(t, d.url)
+	p.setRefuse(refuse)
+	return p
+}
+
+// watchThrough creates the job table and watches it (poll interval an hour)
+// with a Listener connected through p.
+func watchThrough(t *testing.T, d db, p *proxy) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
+	t.Helper()
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	l, err := jobwatch.NewListenerConfig(p.config, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	ch := make(chan jobwatch.Message, 10)
+	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = w.Close() })
+	settle(t, w, ch)
+	return w, ch, l
 }
 
 // TestStalledConsumer: a caller that stops reading its channel delays no
@@ -156,18 +172,8 @@ func TestCloseReleasesConnections(t *testing.T) {
 func TestCatchUpWhenFirstConnectFails(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
-	_, opt := newLogs(t)
-	d.jobTable(t, "jobs")
-	p, cfg := newProxy(t, d.url)
-	p.setRefuse(true)
-	l, err := jobwatch.NewListenerConfig(cfg, opt)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = l.Close() })
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = w.Close() })
-	settle(t, w, ch)
+	p := proxyTo(t, d, true)
+	_, ch, l := watchThrough(t, d, p)
 	require.False(t, l.Stats().Connected)
 	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
 	p.setRefuse(false)

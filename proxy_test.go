@@ -20,6 +20,7 @@ type proxy struct {
 	ln      net.Listener
 	network string
 	target  string
+	config  *pgx.ConnConfig // the test database, through the proxy
 
 	mu      sync.Mutex
 	refuse  bool
@@ -54,6 +55,7 @@ func newProxy(t *testing.T, url string) (*proxy, *pgx.ConnConfig) {
 	cfg.Port = uint16(ln.Addr().(*net.TCPAddr).Port)
 	cfg.Fallbacks = nil
 	cfg.TLSConfig = nil
+	p.config = cfg
 	return p, cfg
 }
 
