@@ -22,6 +22,9 @@ var (
 	// ErrMissingColumns means the table lacks a column the library relies
 	// on: status, run_at or locked_by.
 	ErrMissingColumns = errors.New("table lacks a job column")
+	// ErrColumnType means a job column has a type the triggers cannot use:
+	// run_at must be a timestamp (with or without time zone).
+	ErrColumnType = errors.New("job column of the wrong type")
 	// ErrTriggersBusy means the triggers could not be installed right now
 	// without waiting: another installer holds the installation lock, or a
 	// writer holds a lock on the table. Nothing was changed; try again later
@@ -61,8 +64,9 @@ type execer interface {
 // CreateNotificationTriggerSQL returns one SQL statement (a DO block) that
 // installs the notification triggers of a job table. It:
 //
-//   - fails with a clear message when the table does not exist or lacks the
-//     status, run_at or locked_by column;
+//   - fails with a clear message when the table does not exist, lacks the
+//     status, run_at or locked_by column, or has a run_at that is not a
+//     timestamp (which would make every INSERT fail);
 //   - takes a transaction-level advisory lock without waiting (the same key
 //     IHP uses), so only one installer works at a time and the others fail at
 //     once with SQLSTATE 55P03 instead of queueing or meeting "tuple
@@ -206,6 +210,13 @@ BEGIN
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'jobwatch: table % lacks column(s) %', ` + raw + `, missing USING ERRCODE = '42703';
     END IF;
+    -- The trigger compares run_at with now(): any other type would make
+    -- every INSERT fail.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute a
+                    WHERE a.attrelid = tbl AND a.attname = 'run_at' AND NOT a.attisdropped
+                      AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype)) THEN
+        RAISE EXCEPTION 'jobwatch: column run_at of table % must be a timestamp', ` + raw + ` USING ERRCODE = '42804';
+    END IF;
     SET LOCAL lock_timeout = '1s';
     IF NOT pg_try_advisory_xact_lock(hashtext(` + schemaKey + `), hashtext(` + quoteLiteral(n.function) + `::name::text)) THEN
         RAISE EXCEPTION 'jobwatch: notification trigger installation already in progress for %', ` + raw + ` USING ERRCODE = '55P03';
@@ -245,6 +256,8 @@ func installTriggers(ctx context.Context, db execer, n names, gate bool) error {
 			return fmt.Errorf("%s: %w: %w", what, ErrTableNotFound, err)
 		case "42703":
 			return fmt.Errorf("%s: %w: %w", what, ErrMissingColumns, err)
+		case "42804":
+			return fmt.Errorf("%s: %w: %w", what, ErrColumnType, err)
 		case "55P03":
 			return fmt.Errorf("%s: %w: %w", what, ErrTriggersBusy, err)
 		}
@@ -286,8 +299,8 @@ func NotificationTriggersHealthy(ctx context.Context, pool *pgxpool.Pool, tableN
 
 // EnsureNotificationTriggers installs the notification triggers when either
 // is missing and logs that it did; when both exist it changes nothing. It
-// returns an error wrapping ErrTableNotFound, ErrMissingColumns or
-// ErrTriggersBusy when those are the cause.
+// returns an error wrapping ErrTableNotFound, ErrMissingColumns,
+// ErrColumnType or ErrTriggersBusy when those are the cause.
 func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableName string, opts ...Option) error {
 	n, err := deriveNames(tableName)
 	if err != nil {

@@ -307,6 +307,12 @@ func TestBadArguments(t *testing.T) {
 	assert.Contains(t, err.Error(), "not_jobs")
 	assert.Contains(t, err.Error(), "run_at, locked_by")
 
+	d.exec(t, "CREATE TABLE text_run_at (status text, locked_by uuid, run_at text)")
+	err = jobwatch.EnsureNotificationTriggers(ctx, d.pool, "text_run_at")
+	require.ErrorIs(t, err, jobwatch.ErrColumnType)
+	assert.Contains(t, err.Error(), "run_at")
+	d.exec(t, "INSERT INTO text_run_at VALUES ('job_status_not_started', NULL, 'soon')") // no trigger was installed
+
 	_, err = jobwatch.NewListener("postgres://%zz")
 	assert.Error(t, err, "unparsable connection string")
 
