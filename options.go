@@ -99,11 +99,11 @@ func WithDropLogInterval(d time.Duration) Option {
 // lock until they end, and each watch, on a gated notification, polls
 // again every 5ms while such a transaction is open and once after. A
 // skipped job is therefore woken about 5ms after its commit, or when the
-// notifying transaction commits if that is later: a long transaction that
-// inserted a job delays the jobs of the transactions that skipped behind
-// it until it commits, and if it rolls back they wait for the next poll.
-// Without the gate (the default) every committing
-// transaction notifies.
+// notifying transaction (or any later one) commits if that is later: a
+// long transaction that inserted a job delays the jobs of the transactions
+// that skipped behind it until it commits, and if it rolls back and nothing
+// else is inserted after, they wait for the next poll. Without the gate
+// (the default) every committing transaction notifies.
 //
 // Use the same setting in every process that installs the triggers of a
 // table: each installation replaces the trigger function.
