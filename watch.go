@@ -8,9 +8,11 @@
 // JobAvailable messages on a buffered channel the caller owns; fetching and
 // running the jobs stays with the caller.
 //
-// It is a Go port of IHP's IHP.Job.Queue.Watch and IHP.PGListener and uses
-// IHP's channel, function and trigger names, so Go and IHP workers can share
-// a table.
+// It is a Go port of IHP's IHP.Job.Queue.Watch and IHP.PGListener. It uses
+// IHP's channel and trigger names and keeps IHP's trigger function,
+// notify_job_queued_<table>, working for IHP's per-row triggers, so Go and
+// IHP workers can share a table; its own statement triggers call
+// jobwatch_notify_<table> (see CreateNotificationTriggerSQL).
 package jobwatch
 
 import (
