@@ -7,12 +7,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/user"
 	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
 )
 
@@ -37,23 +35,17 @@ func startEphemeral() (string, error) {
 		return "", err
 	}
 	cleanupDir := func() { _ = os.RemoveAll(dir) }
-	var cred *syscall.Credential
-	if os.Geteuid() == 0 {
-		// initdb refuses to run as root: run the cluster as an unprivileged user.
-		cred, err = unprivileged()
-		if err != nil {
-			cleanupDir()
-			return "", err
-		}
-		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
-			cleanupDir()
-			return "", err
-		}
+	// initdb refuses to run as root: then the cluster runs as an
+	// unprivileged user, who must own its directory.
+	as, err := clusterUser(dir)
+	if err != nil {
+		cleanupDir()
+		return "", err
 	}
 	data := filepath.Join(dir, "data")
 	initdb := exec.Command(filepath.Join(bindir, "initdb"), "-D", data, "-U", "postgres",
 		"--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C")
-	initdb.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	initdb.SysProcAttr = procAttr(as, false)
 	initdb.Dir = dir
 	if out, err := initdb.CombinedOutput(); err != nil {
 		cleanupDir()
@@ -73,7 +65,7 @@ func startEphemeral() (string, error) {
 		"-p", strconv.Itoa(port), "-k", dir, "-c", "listen_addresses=127.0.0.1",
 		"-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
 		"-c", "max_connections=300")
-	srv.SysProcAttr = &syscall.SysProcAttr{Credential: cred, Setpgid: true}
+	srv.SysProcAttr = procAttr(as, true)
 	srv.Stdout, srv.Stderr = logFile, logFile
 	srv.Dir = dir
 	if err := srv.Start(); err != nil {
@@ -84,11 +76,11 @@ func startEphemeral() (string, error) {
 	exited := make(chan struct{})
 	go func() { _ = srv.Wait(); close(exited) }()
 	stop := func() {
-		_ = srv.Process.Signal(syscall.SIGINT) // fast shutdown
+		interrupt(srv.Process) // fast shutdown
 		select {
 		case <-exited:
 		case <-time.After(20 * time.Second):
-			_ = syscall.Kill(-srv.Process.Pid, syscall.SIGKILL)
+			killGroup(srv.Process)
 			<-exited
 		}
 		logFile.Close()
@@ -146,23 +138,6 @@ func versionOf(bindir string) int {
 func isExec(path string) bool {
 	st, err := os.Stat(path)
 	return err == nil && !st.IsDir() && st.Mode()&0o111 != 0
-}
-
-// unprivileged returns the credentials of the postgres user, or nobody.
-func unprivileged() (*syscall.Credential, error) {
-	for _, name := range []string{"postgres", "nobody"} {
-		u, err := user.Lookup(name)
-		if err != nil {
-			continue
-		}
-		uid, err1 := strconv.ParseUint(u.Uid, 10, 32)
-		gid, err2 := strconv.ParseUint(u.Gid, 10, 32)
-		if err1 != nil || err2 != nil || uid == 0 {
-			continue
-		}
-		return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid), NoSetGroups: true}, nil
-	}
-	return nil, errors.New("running as root and found no unprivileged user (postgres or nobody) for initdb")
 }
 
 func freePort() (int, error) {

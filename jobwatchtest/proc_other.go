@@ -1,0 +1,20 @@
+//go:build !unix
+
+package jobwatchtest
+
+import (
+	"os"
+	"syscall"
+)
+
+// runAs is unused where there is no setuid: the cluster runs as this
+// process's user.
+type runAs = struct{}
+
+func clusterUser(string) (runAs, error) { return runAs{}, nil }
+
+func procAttr(runAs, bool) *syscall.SysProcAttr { return nil }
+
+func interrupt(p *os.Process) { _ = p.Kill() }
+
+func killGroup(p *os.Process) { _ = p.Kill() }
