@@ -143,9 +143,10 @@ func TestCloseReleasesConnections(t *testing.T) {
 	d := newDB(t)
 	_, opt := newLogs(t)
 	d.jobTable(t, "jobs")
-	pool, err := pgxpool.New(context.Background(), d.url+"&application_name=jobwatch_leak")
+	url := d.with(t, "application_name", "jobwatch_leak")
+	pool, err := pgxpool.New(context.Background(), url)
 	require.NoError(t, err)
-	l, err := jobwatch.NewListener(d.url+"&application_name=jobwatch_leak", opt)
+	l, err := jobwatch.NewListener(url, opt)
 	require.NoError(t, err)
 	ch := make(chan jobwatch.Message, 4)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -154,16 +155,13 @@ func TestCloseReleasesConnections(t *testing.T) {
 	p, err := jobwatch.PollForJob(ctx, true, pool, "jobs", 10*time.Millisecond, ch, opt)
 	require.NoError(t, err)
 	eventually(t, "polling", func() bool { return w.Stats().Polls > 2 && p.Stats().Polls > 2 })
+	require.GreaterOrEqual(t, d.backends(t, "jobwatch_leak"), 2, "the Listener's and the pool's connections")
 	cancel()
 	<-w.Done()
 	<-p.Done()
 	require.NoError(t, l.Close())
 	pool.Close()
-	eventually(t, "no connection left", func() bool {
-		var n int
-		require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobwatch_leak'").Scan(&n))
-		return n == 0
-	})
+	eventually(t, "no connection left", func() bool { return d.backends(t, "jobwatch_leak") == 0 })
 }
 
 // TestCatchUpWhenFirstConnectFails: the Listener cannot connect when the

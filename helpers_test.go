@@ -55,6 +55,27 @@ func newDB(t *testing.T) db {
 	return db{url: u, pool: pool}
 }
 
+// with returns the database's connection string with one more setting,
+// whatever form TEST_DATABASE_URL has (URL, key=value DSN or nothing).
+func (d db) with(t *testing.T, key, value string) string {
+	t.Helper()
+	u, err := jobwatchtest.WithParam(d.url, key, value)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return u
+}
+
+// backends counts the server connections whose application_name is app.
+func (d db) backends(t *testing.T, app string) int {
+	t.Helper()
+	var n int
+	if err := d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
 func (d db) exec(t *testing.T, sql string, args ...any) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

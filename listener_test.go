@@ -125,7 +125,7 @@ func TestListenerReconnects(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
 	lg, opt := newLogs(t)
-	l := testListener(t, d.url+"&application_name=jobwatch_reconnect", opt)
+	l := testListener(t, d.with(t, "application_name", "jobwatch_reconnect"), opt)
 	var callbacks atomic.Int64
 	l.OnReconnect(func(ctx context.Context, conn *pgx.Conn) error {
 		callbacks.Add(1)
@@ -152,17 +152,14 @@ func TestListenerCloseStopsEverything(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
 	_, opt := newLogs(t)
-	l, err := jobwatch.NewListener(d.url+"&application_name=jobwatch_close", opt)
+	l, err := jobwatch.NewListener(d.with(t, "application_name", "jobwatch_close"), opt)
 	require.NoError(t, err)
 	_, err = l.Subscribe("x", func(jobwatch.Notification) {})
 	require.NoError(t, err)
+	require.Equal(t, 1, d.backends(t, "jobwatch_close"), "the Listener's connection")
 	require.NoError(t, l.Close())
 	require.NoError(t, l.Close())
-	eventually(t, "connection released", func() bool {
-		var n int
-		require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobwatch_close'").Scan(&n))
-		return n == 0
-	})
+	eventually(t, "connection released", func() bool { return d.backends(t, "jobwatch_close") == 0 })
 	_, err = l.Subscribe("x", func(jobwatch.Notification) {})
 	assert.ErrorIs(t, err, jobwatch.ErrListenerClosed)
 	// A Listener closed before it ever connected.

@@ -147,7 +147,7 @@ func (d db) count(t *testing.T, sql string) int {
 func TestManyWorkerProcesses(t *testing.T) {
 	d := newDB(t)
 	bin := buildWorker(t)
-	url := d.url + "&pool_max_conns=4"
+	url := d.with(t, "pool_max_conns", "4")
 	var procs []*workerProc
 	for range 4 {
 		procs = append(procs, startWorkerProc(t, bin, url, "-table", "jobs", "-concurrency", "4",
@@ -240,13 +240,14 @@ func TestGracefulShutdown(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
 	bin := buildWorker(t)
-	url := d.url + "&application_name=jobwatch_graceful"
+	url := d.with(t, "application_name", "jobwatch_graceful")
 	p := startWorkerProc(t, bin, url, "-table", "jobs", "-concurrency", "2", "-job-duration", "500ms", "-fail-rate", "0")
 	eventually(t, "worker started", func() bool { return p.has("worker started") })
 	d.exec(t, "INSERT INTO jobs SELECT FROM generate_series(1, 10)")
 	eventually(t, "two jobs running", func() bool {
 		return d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_running'") == 2
 	})
+	require.Positive(t, d.backends(t, "jobwatch_graceful"), "the worker's connections carry the application name")
 	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
 	assert.Equal(t, 0, p.waitExit(t))
 	assert.Equal(t, 0, d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_running'"), "running jobs were finished")
@@ -254,9 +255,7 @@ func TestGracefulShutdown(t *testing.T) {
 	assert.Less(t, done, 10, "no new job was taken after the signal")
 	assert.Equal(t, p.counter(t, "ran"), done)
 	// A backend ends a moment after its client closes the connection.
-	eventually(t, "connections released", func() bool {
-		return d.count(t, "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'jobwatch_graceful'") == 0
-	})
+	eventually(t, "connections released", func() bool { return d.backends(t, "jobwatch_graceful") == 0 })
 
 	// A second signal: exit now, even with an hour-long job running.
 	p2 := startWorkerProc(t, bin, url, "-table", "jobs", "-concurrency", "1", "-job-duration", "1h", "-fail-rate", "0")
@@ -277,7 +276,7 @@ func TestGracefulShutdown(t *testing.T) {
 func TestThunderingHerd(t *testing.T) {
 	d := newDB(t)
 	bin := buildWorker(t)
-	url := d.url + "&pool_max_conns=2"
+	url := d.with(t, "pool_max_conns", "2")
 	var procs []*workerProc
 	for range 16 {
 		procs = append(procs, startWorkerProc(t, bin, url, "-table", "jobs", "-concurrency", "1",

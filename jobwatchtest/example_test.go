@@ -3,26 +3,37 @@ package jobwatchtest_test
 import (
 	"context"
 	"fmt"
-	"testing"
 
 	"github.com/jackc/pgx/v5"
 
 	"github.com/jobwatch-go/jobwatch/jobwatchtest"
 )
 
-// A test of your own worker: a fresh database with IHP's job table, gone
-// when the test ends. Call jobwatchtest.Main(m) from your TestMain.
-func ExampleNewDatabase() {
-	testMyWorker := func(t *testing.T) {
-		t.Parallel()
-		pool := jobwatchtest.NewDatabase(t)
-		jobwatchtest.CreateJobTable(t, pool, "jobs")
-		if _, err := pool.Exec(context.Background(), "INSERT INTO jobs DEFAULT VALUES"); err != nil {
-			t.Fatal(err)
-		}
-		// ... start the worker on pool and wait until the job has run.
+// Settings for a test's connection string: WithParam works whether the
+// server came as a URL, a key=value DSN or pgx's defaults.
+func ExampleWithParam() {
+	ctx := context.Background()
+	url, drop, err := jobwatchtest.CreateDatabase(ctx)
+	if err != nil {
+		fmt.Println(err)
+		return
 	}
-	_ = testMyWorker
+	defer drop()
+	url, err = jobwatchtest.WithParam(url, "application_name", "my_worker_test")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer conn.Close(ctx)
+	var app string
+	_ = conn.QueryRow(ctx, "SELECT current_setting('application_name')").Scan(&app)
+	fmt.Println(app)
+	// Output: my_worker_test
 }
 
 // CreateDatabase serves code without a testing.TB, such as a fixture shared

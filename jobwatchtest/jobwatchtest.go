@@ -189,9 +189,43 @@ func CreateJobTable(t testing.TB, pool *pgxpool.Pool, tableName string) {
 	}
 }
 
+// WithParam returns connString with one more setting, key=value: a pgx or
+// pgxpool setting (pool_max_conns), a libpq one (sslmode) or a server
+// run-time parameter (application_name). It works on every form a
+// connection string from this package can take: a postgres:// URL with or
+// without a query string, a key=value DSN, and the empty string (pgx's
+// defaults). A setting already present is replaced. Never append "&key=value"
+// to a connection string yourself: that breaks the DSN and query-less forms.
+//
+//	url := jobwatchtest.NewDatabaseURL(t)
+//	url, err := jobwatchtest.WithParam(url, "application_name", "my_test")
+func WithParam(connString, key, value string) (string, error) {
+	if key == "" {
+		return "", errors.New("jobwatchtest: WithParam: empty key")
+	}
+	if isURL(connString) {
+		u, err := url.Parse(connString)
+		if err != nil {
+			return "", fmt.Errorf("jobwatchtest: WithParam: parse %s: %w", redact(connString), err)
+		}
+		q := u.Query()
+		q.Set(key, value)
+		// pgx does not read "+" as a space: encode spaces as %20.
+		u.RawQuery = strings.ReplaceAll(q.Encode(), "+", "%20")
+		return u.String(), nil
+	}
+	// pgx reads the last of repeated keys; quoting keeps spaces and quotes.
+	quoted := strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(value)
+	return strings.TrimSpace(connString + " " + key + "='" + quoted + "'"), nil
+}
+
+func isURL(connString string) bool {
+	return strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://")
+}
+
 // withDatabase returns connString pointing at database name.
 func withDatabase(connString, name string) (string, error) {
-	if strings.HasPrefix(connString, "postgres://") || strings.HasPrefix(connString, "postgresql://") {
+	if isURL(connString) {
 		u, err := url.Parse(connString)
 		if err != nil {
 			return "", fmt.Errorf("parse %s: %w", redact(connString), err)

@@ -2,6 +2,11 @@ package jobwatchtest_test
 
 import (
 	"context"
+	"fmt"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
 	"sync"
 	"testing"
 
@@ -57,5 +62,71 @@ func TestNewDatabase(t *testing.T) {
 		if exists {
 			t.Errorf("database %s was not dropped", name)
 		}
+	}
+}
+
+// TestWithParam: a setting added to each form a connection string can take
+// (URL with and without a query string, key=value DSN, empty) reaches the
+// server, and a value with spaces and quotes survives.
+func TestWithParam(t *testing.T) {
+	t.Parallel()
+	dbURL := jobwatchtest.NewDatabaseURL(t)
+	var dbName string
+	{
+		conn, err := pgx.Connect(context.Background(), dbURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := conn.QueryRow(context.Background(), "SELECT current_database()").Scan(&dbName); err != nil {
+			t.Fatal(err)
+		}
+		conn.Close(context.Background())
+	}
+	cfg, err := pgx.ParseConfig(dbURL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	host := cfg.Host
+	dsn := fmt.Sprintf("host=%s port=%d user=%s dbname=%s", host, cfg.Port, cfg.User, dbName)
+	plainURL := fmt.Sprintf("postgres://%s@%s/%s", cfg.User, net.JoinHostPort(host, strconv.Itoa(int(cfg.Port))), dbName)
+	if strings.HasPrefix(host, "/") {
+		plainURL = fmt.Sprintf("postgres://%s@/%s?host=%s&port=%d", cfg.User, dbName, url.QueryEscape(host), cfg.Port)
+	}
+	for name, base := range map[string]string{
+		"url without query": plainURL,
+		"url with query":    plainURL + map[bool]string{true: "&", false: "?"}[strings.Contains(plainURL, "?")] + "sslmode=disable",
+		"dsn":               dsn,
+		"test database":     dbURL,
+	} {
+		t.Run(name, func(t *testing.T) {
+			t.Parallel()
+			want := `it's a "test" \ app`
+			s, err := jobwatchtest.WithParam(base, "application_name", "first")
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err = jobwatchtest.WithParam(s, "application_name", want)
+			if err != nil {
+				t.Fatal(err)
+			}
+			conn, err := pgx.Connect(context.Background(), s)
+			if err != nil {
+				t.Fatalf("connect with %q: %v", s, err)
+			}
+			defer conn.Close(context.Background())
+			var got, db string
+			if err := conn.QueryRow(context.Background(), "SELECT current_setting('application_name'), current_database()").Scan(&got, &db); err != nil {
+				t.Fatal(err)
+			}
+			if got != want || db != dbName {
+				t.Errorf("application_name %q in %s, want %q in %s (connection string %q)", got, db, want, dbName, s)
+			}
+		})
+	}
+	if s, err := jobwatchtest.WithParam("", "application_name", "x"); err != nil || s != "application_name='x'" {
+		t.Errorf("empty connection string: %q, %v", s, err)
+	}
+	if _, err := jobwatchtest.WithParam("postgres://%zz", "a", "b"); err == nil {
+		t.Error("an unparsable URL gives no error")
 	}
 }
