@@ -1,21 +1,60 @@
 package jobwatch
 
 import (
+	"fmt"
 	"log/slog"
+	"strings"
 	"time"
 )
 
-// Option configures a Listener or a watch/poll call. Options that do not
-// apply to a call are ignored by it.
+// Option configures a Listener, a watch or poll call, or the trigger
+// functions. Each option says where it applies; one given where it does not
+// apply, or with a value out of range, makes the call return an error
+// wrapping ErrInvalidOption (CreateNotificationTriggerSQLWith returns a
+// script that raises it), so a misplaced option never does nothing
+// silently.
 type Option func(*options)
 
+// optionSet records which options a call was given, by bit.
+type optionSet uint32
+
+const (
+	optLogger optionSet = 1 << iota
+	optJitter
+	optHealthCheck
+	optDropLogInterval
+	optNotifyGate
+	optInstallBackoff
+	optDeliveryCheck
+	optFallbackPoll
+)
+
+var optionNames = []string{"WithLogger", "WithJitter", "WithHealthCheck", "WithDropLogInterval",
+	"WithNotifyGate", "WithInstallBackoff", "WithDeliveryCheck", "WithFallbackPollInterval"}
+
+// Where each option applies.
+const (
+	scopeListener = optLogger | optHealthCheck | optDeliveryCheck
+	scopeWatch    = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optFallbackPoll
+	scopePoll     = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff
+	scopeTriggers = optLogger | optNotifyGate
+)
+
 type options struct {
+	set     optionSet
+	invalid []string
+
 	logger              *slog.Logger
 	jitter              time.Duration
 	healthCheckInterval time.Duration
 	healthCheckTimeout  time.Duration
 	dropLogInterval     time.Duration
 	gate                bool
+	installMin          time.Duration
+	installMax          time.Duration
+	deliveryInterval    time.Duration
+	deliveryTimeout     time.Duration
+	fallbackPoll        time.Duration
 }
 
 const (
@@ -23,15 +62,27 @@ const (
 	defaultHealthCheckInterval = 10 * time.Second
 	defaultHealthCheckTimeout  = 5 * time.Second
 	defaultDropLogInterval     = 10 * time.Second
+	defaultInstallMin          = time.Second
+	defaultInstallMax          = 30 * time.Second
+	defaultDeliveryInterval    = 10 * time.Second
+	defaultDeliveryTimeout     = 5 * time.Second
+	defaultFallbackPoll        = time.Second
 )
 
-func buildOptions(opts []Option) options {
+// buildOptions applies opts over the defaults and returns an error wrapping
+// ErrInvalidOption when one does not apply to scope or has a bad value.
+func buildOptions(scope optionSet, opts []Option) (options, error) {
 	o := options{
 		logger:              slog.Default(),
 		jitter:              defaultJitter,
 		healthCheckInterval: defaultHealthCheckInterval,
 		healthCheckTimeout:  defaultHealthCheckTimeout,
 		dropLogInterval:     defaultDropLogInterval,
+		installMin:          defaultInstallMin,
+		installMax:          defaultInstallMax,
+		deliveryInterval:    defaultDeliveryInterval,
+		deliveryTimeout:     defaultDeliveryTimeout,
+		fallbackPoll:        defaultFallbackPoll,
 	}
 	for _, opt := range opts {
 		if opt != nil {
@@ -41,40 +92,59 @@ func buildOptions(opts []Option) options {
 	if o.logger == nil {
 		o.logger = slog.Default()
 	}
-	if o.jitter < 0 {
-		o.jitter = 0
+	var wrong []string
+	for i, name := range optionNames {
+		if bit := optionSet(1) << i; o.set&bit != 0 && scope&bit == 0 {
+			wrong = append(wrong, name)
+		}
 	}
-	if o.healthCheckTimeout <= 0 {
-		o.healthCheckTimeout = defaultHealthCheckTimeout
+	if len(wrong) > 0 {
+		return o, fmt.Errorf("%w: %s does not apply here", ErrInvalidOption, strings.Join(wrong, ", "))
 	}
-	if o.dropLogInterval <= 0 {
-		o.dropLogInterval = defaultDropLogInterval
+	if len(o.invalid) > 0 {
+		return o, fmt.Errorf("%w: %s", ErrInvalidOption, strings.Join(o.invalid, "; "))
 	}
-	return o
+	return o, nil
 }
 
-// WithLogger sets the logger for errors and notable events (trigger repairs,
-// reconnects, a full wake channel). The default is slog.Default(); nil keeps
-// the default.
+func (o *options) mark(bit optionSet, bad bool, format string, args ...any) {
+	o.set |= bit
+	if bad {
+		o.invalid = append(o.invalid, fmt.Sprintf(format, args...))
+	}
+}
+
+// WithLogger sets the logger for errors and notable events (trigger
+// installs, reconnects, a full wake channel). It applies everywhere. The
+// default is slog.Default(); nil keeps the default.
 func WithLogger(logger *slog.Logger) Option {
-	return func(o *options) { o.logger = logger }
+	return func(o *options) {
+		o.mark(optLogger, false, "")
+		o.logger = logger
+	}
 }
 
 // WithJitter sets the largest random delay added to each poll interval, so
-// that many processes started together do not poll in step. The default is
-// 2s, as in IHP; 0 turns jitter off.
+// that many processes started together do not poll in step. It applies to
+// the watch and poll functions. The default is 2s, as in IHP; 0 turns
+// jitter off; a negative value is an error.
 func WithJitter(max time.Duration) Option {
-	return func(o *options) { o.jitter = max }
+	return func(o *options) {
+		o.mark(optJitter, max < 0, "WithJitter(%v): negative", max)
+		o.jitter = max
+	}
 }
 
 // WithHealthCheck sets how often a Listener proves its connection alive by
 // sending a NOTIFY to a private channel and receiving it back, and how long
 // it waits for that round trip before it drops the connection and
 // reconnects. A silently dead connection (no RST: a firewall, a failover)
-// is noticed within interval+timeout; the default is 10s+5s. An interval of
-// 0 or less turns the check off.
+// is noticed within interval+timeout; the default is 10s+5s. It applies to
+// a Listener. An interval of 0 or less turns the check off; with an
+// interval, a timeout of 0 or less is an error.
 func WithHealthCheck(interval, timeout time.Duration) Option {
 	return func(o *options) {
+		o.mark(optHealthCheck, interval > 0 && timeout <= 0, "WithHealthCheck(%v, %v): timeout must be positive", interval, timeout)
 		o.healthCheckInterval = interval
 		o.healthCheckTimeout = timeout
 	}
@@ -82,14 +152,32 @@ func WithHealthCheck(interval, timeout time.Duration) Option {
 
 // WithDropLogInterval sets how often, at most, a watch or poller logs that
 // the caller's wake channel was full (with the number of wake-ups dropped
-// since the last such line). The default is 10s.
+// since the last such line). It applies to the watch and poll functions.
+// The default is 10s; a value of 0 or less is an error.
 func WithDropLogInterval(d time.Duration) Option {
-	return func(o *options) { o.dropLogInterval = d }
+	return func(o *options) {
+		o.mark(optDropLogInterval, d <= 0, "WithDropLogInterval(%v): must be positive", d)
+		o.dropLogInterval = d
+	}
+}
+
+// WithInstallBackoff sets how a watch (and a poller with repair) retries
+// installing the notification triggers while they cannot be installed,
+// because the table does not exist yet, another installer or a writer
+// holds a lock, or the role lacks the right: after min at first, the delay
+// doubling up to max, whatever the poll interval. It applies to the watch
+// and poll functions. The default is 1s to 30s.
+func WithInstallBackoff(min, max time.Duration) Option {
+	return func(o *options) {
+		o.mark(optInstallBackoff, min <= 0 || max < min, "WithInstallBackoff(%v, %v): want 0 < min <= max", min, max)
+		o.installMin, o.installMax = min, max
+	}
 }
 
 // WithNotifyGate makes the triggers this call installs (EnsureNotificationTriggers,
 // the watch and poll functions, CreateNotificationTriggerSQLWith) use a
 // notify gate, for tables that many concurrent transactions insert into.
+// It applies to the watch, poll and trigger functions.
 //
 // PostgreSQL commits notifying transactions one at a time (NOTIFY holds a
 // global lock through the commit and its disk flush), which caps concurrent
@@ -108,5 +196,8 @@ func WithDropLogInterval(d time.Duration) Option {
 // Use the same setting in every process that installs the triggers of a
 // table: each installation replaces the trigger function.
 func WithNotifyGate(on bool) Option {
-	return func(o *options) { o.gate = on }
+	return func(o *options) {
+		o.mark(optNotifyGate, false, "")
+		o.gate = on
+	}
 }

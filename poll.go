@@ -5,53 +5,41 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-// Errors returned (wrapped) for bad arguments to PollForJob and the watch
-// functions.
-var (
-	// ErrNilChannel is returned for a nil wake channel.
-	ErrNilChannel = errors.New("nil wake channel")
-	// ErrUnbufferedChannel is returned for a wake channel without a buffer:
-	// the library never blocks on it, so an unbuffered channel would drop
-	// nearly every wake-up.
-	ErrUnbufferedChannel = errors.New("unbuffered wake channel")
-	// ErrInvalidPollInterval is returned for a poll interval of zero or less.
-	ErrInvalidPollInterval = errors.New("poll interval must be positive")
-)
-
-// pendingCondition is the spec's definition of a job that can run now.
-const pendingCondition = `status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at <= now()`
 
 // Poller checks a job table for pending jobs at an interval, and at the
 // moment the earliest job scheduled for later becomes due. Stop it with
 // Close or by cancelling the context it was started with.
 type Poller struct {
-	pool     *pgxpool.Pool
-	names    names
-	interval time.Duration
-	wake     chan<- Message
-	repair   bool
-	opts     options
-	log      *slog.Logger
-	query    string
+	pool      *pgxpool.Pool
+	names     names
+	interval  time.Duration
+	opts      options
+	query     string
+	stats     *counters
+	installer *installer // nil for PollForJob without repair
+	repair    bool       // check the triggers after each interval poll
 
 	cancel context.CancelFunc
 	done   chan struct{}
-	kick   chan struct{} // buffered(1): re-read pollNow/scheduled
+	kick   chan struct{} // buffered(1): re-read the schedule below
 
 	mu        sync.Mutex
 	pollNow   bool
-	scheduled time.Time // when the earliest known future job is due; zero if none
-	trailAt   time.Time // when to look for jobs whose notification the gate skipped; zero if not
+	fallback  time.Duration // when set, the interval while notifications do not arrive
+	scheduled time.Time     // when the earliest known future job is due; zero if none
+	trailAt   time.Time     // when to look for jobs whose notification the gate skipped; zero if not
+	offset    time.Duration // the server's clock minus ours, as the last poll saw it
 
-	stats *counters
+	problems problemLog
 }
 
 // PollForJob checks tableName every pollInterval plus a random jitter (up to
@@ -59,68 +47,103 @@ type Poller struct {
 // and sends one JobAvailable per pending job, as many as wake has room
 // for, never blocking. It also learns when the earliest job scheduled for
 // later is due and checks again at that moment, so such a job is woken on
-// time rather than at the next interval. Errors are logged and polling
-// goes on (a dropped and recreated table recovers by itself). With repair,
-// it re-creates missing notification triggers after each interval poll.
+// time rather than at the next interval. A failing poll is logged once
+// (and again every few minutes while it keeps failing, and when it works
+// again) and polling goes on: a table that does not exist yet, or is
+// dropped and recreated, is found when it is there. With repair it also
+// installs missing notification triggers, retrying on a backoff of its
+// own while it cannot (see WithInstallBackoff), and checks them after each
+// interval poll.
 //
 // It returns an error, and starts nothing, for a nil pool, an invalid table
-// name, a nil or unbuffered channel or a poll interval that is not positive.
+// name, a nil or unbuffered channel, a poll interval that is not positive
+// or an option that does not apply (see Option).
 func PollForJob(ctx context.Context, repair bool, pool *pgxpool.Pool, tableName string,
 	pollInterval time.Duration, wake chan<- Message, opts ...Option) (*Poller, error) {
-	n, err := validate(pool, tableName, pollInterval, wake)
+	n, o, err := validate("poll", pool, tableName, pollInterval, wake, scopePoll, opts)
 	if err != nil {
 		return nil, err
 	}
-	o := buildOptions(opts)
-	return startPoller(ctx, repair, pool, n, pollInterval, wake, o, newCounters(n, wake, o)), nil
+	p := newPoller(pool, n, pollInterval, o, newCounters(n, wake, o), repair, repair)
+	if p.installer != nil {
+		p.installer.request(false)
+	}
+	p.start(ctx)
+	return p, nil
 }
 
-func validate(pool *pgxpool.Pool, tableName string, pollInterval time.Duration, wake chan<- Message) (names, error) {
+// validate checks the arguments the watch and poll functions share.
+func validate(step string, pool *pgxpool.Pool, tableName string, pollInterval time.Duration,
+	wake chan<- Message, scope optionSet, opts []Option) (names, options, error) {
 	n, err := deriveNames(tableName)
 	if err != nil {
-		return n, fmt.Errorf("jobwatch: %w", err)
+		return n, options{}, fmt.Errorf("jobwatch: %s: %w", step, err)
 	}
+	o, err := buildOptions(scope, opts)
 	switch {
+	case err != nil:
 	case pool == nil:
-		return n, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrNilPool)
+		err = ErrNilPool
 	case wake == nil:
-		return n, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrNilChannel)
+		err = ErrNilChannel
 	case cap(wake) == 0:
-		return n, fmt.Errorf("jobwatch: watch %s: %w", tableName, ErrUnbufferedChannel)
+		err = ErrUnbufferedChannel
 	case pollInterval <= 0:
-		return n, fmt.Errorf("jobwatch: watch %s: %w (got %v)", tableName, ErrInvalidPollInterval, pollInterval)
+		err = fmt.Errorf("%w (got %v)", ErrInvalidPollInterval, pollInterval)
 	}
-	return n, nil
+	if err != nil {
+		return n, o, fmt.Errorf("jobwatch: %s %s: %w", step, tableName, err)
+	}
+	return n, o, nil
 }
 
-func startPoller(ctx context.Context, repair bool, pool *pgxpool.Pool, n names, interval time.Duration,
-	wake chan<- Message, o options, stats *counters) *Poller {
-	ctx, cancel := context.WithCancel(ctx)
+// newPoller makes a poller that does nothing until start. With install it
+// has an installer; with repair the installer checks the triggers after
+// each interval poll.
+func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, stats *counters, install, repair bool) *Poller {
 	table := n.table.quoted()
 	p := &Poller{
 		pool:     pool,
 		names:    n,
 		interval: interval,
-		wake:     wake,
-		repair:   repair,
 		opts:     o,
-		log:      o.logger,
-		cancel:   cancel,
+		stats:    stats,
+		repair:   repair && install,
 		done:     make(chan struct{}),
 		kick:     make(chan struct{}, 1),
-		stats:    stats,
+		problems: problemLog{log: o.logger, remind: pollRemind},
 		// The limit is the channel's capacity, a constant, so the statement
-		// has no parameter and its plan is made once per connection.
-		query: `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingCondition +
-			` LIMIT ` + strconv.Itoa(cap(wake)) + `) p),
-		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + `
-		  WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at > now())`,
+		// has no parameter and its plan is made once per connection. The
+		// server's clock comes along, to place "at:" times on ours.
+		query: `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingNow +
+			` LIMIT ` + strconv.Itoa(stats.capacity()) + `) p),
+		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + ` WHERE ` + pendingLater + `),
+		extract(epoch FROM clock_timestamp())::float8`,
 	}
-	go p.run(ctx)
+	if install {
+		p.installer = newInstaller(pool, n, o, stats, p.pollSoon)
+	}
 	return p
 }
 
-// Close stops the poller and waits for its goroutine to exit. It is
+// pollRemind is how often a poll failure that lasts is logged again.
+const pollRemind = 5 * time.Minute
+
+// start runs the poller (and its installer) until ctx ends or Close.
+func (p *Poller) start(ctx context.Context) {
+	ctx, p.cancel = context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	wg.Go(func() { p.run(ctx) })
+	if p.installer != nil {
+		wg.Go(func() { p.installer.run(ctx) })
+	}
+	go func() {
+		wg.Wait()
+		close(p.done)
+	}()
+}
+
+// Close stops the poller and waits for its goroutines to exit. It is
 // idempotent.
 func (p *Poller) Close() error {
 	if p == nil {
@@ -158,6 +181,29 @@ func (p *Poller) scheduleIn(d time.Duration) {
 	p.signal()
 }
 
+// scheduleAt asks for a poll when the server's clock reads t.
+func (p *Poller) scheduleAt(t time.Time) {
+	p.mu.Lock()
+	offset := p.offset
+	p.mu.Unlock()
+	p.scheduleIn(time.Until(t.Add(-offset)))
+}
+
+// trail asks for the trailing polls of the notify gate (see WithNotifyGate).
+func (p *Poller) trail() { p.trailIn(trailDelay) }
+
+// setFallback makes the poller poll every d instead of its interval (d 0:
+// back to the interval), for while notifications do not arrive.
+func (p *Poller) setFallback(d time.Duration) {
+	p.mu.Lock()
+	changed := p.fallback != d
+	p.fallback = d
+	p.mu.Unlock()
+	if changed {
+		p.signal()
+	}
+}
+
 func (p *Poller) signal() {
 	select {
 	case p.kick <- struct{}{}:
@@ -166,20 +212,27 @@ func (p *Poller) signal() {
 }
 
 func (p *Poller) run(ctx context.Context) {
-	defer close(p.done)
 	timer := time.NewTimer(0)
 	defer timer.Stop()
+	var lastInterval time.Time // when the last interval poll ran
 	nextInterval := time.Now()
 	for {
 		now := time.Now()
 		p.mu.Lock()
+		if p.fallback > 0 && p.fallback < p.interval && !lastInterval.IsZero() {
+			if t := lastInterval.Add(p.fallback); t.Before(nextInterval) {
+				nextInterval = t
+			}
+		}
 		reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
 		intervalPoll := !now.Before(nextInterval)
 		trailing := reached(p.trailAt)
 		due := p.pollNow || intervalPoll || trailing || reached(p.scheduled)
 		if due {
 			p.pollNow = false
-			p.scheduled = time.Time{}
+			if reached(p.scheduled) {
+				p.scheduled = time.Time{}
+			}
 			if trailing {
 				p.trailAt = time.Time{}
 			}
@@ -190,11 +243,17 @@ func (p *Poller) run(ctx context.Context) {
 				wakeAt = t
 			}
 		}
+		fallback := p.fallback
 		p.mu.Unlock()
 
 		if due {
 			if intervalPoll {
-				nextInterval = now.Add(p.interval + p.jitter())
+				lastInterval = now
+				if fallback > 0 && fallback < p.interval {
+					nextInterval = now.Add(fallback)
+				} else {
+					nextInterval = now.Add(p.interval + p.jitter())
+				}
 			}
 			if trailing && p.skippersOpen(ctx) {
 				// A transaction that skipped its notification is still
@@ -205,10 +264,10 @@ func (p *Poller) run(ctx context.Context) {
 			if ctx.Err() != nil {
 				return
 			}
-			// Repair on the interval's polls only: the extra ones (a job
-			// falling due, a reconnect) are on a latency path.
+			// The repair check runs on the interval's polls only, on the
+			// installer's goroutine: the extra polls are on a latency path.
 			if p.repair && intervalPoll {
-				p.repairTriggers(ctx)
+				p.installer.request(false)
 			}
 			continue
 		}
@@ -248,18 +307,15 @@ func (p *Poller) trailIn(d time.Duration) {
 }
 
 // skippersOpen reports whether a transaction that skipped its notification
-// under the notify gate is still open: such transactions hold the gate's
-// skip key in shared mode, so an exclusive try fails while any is open.
-// It runs before the poll's own statement, whose snapshot then sees every
-// such transaction that had ended.
+// under the notify gate is still open. It runs before the poll's own
+// statement, whose snapshot then sees every such transaction that had
+// ended.
 func (p *Poller) skippersOpen(ctx context.Context) bool {
-	var free bool
-	err := p.pool.QueryRow(ctx, `SELECT CASE WHEN pg_try_advisory_lock(`+gateSkipKey+`, hashtext($1))
-		THEN pg_advisory_unlock(`+gateSkipKey+`, hashtext($1)) ELSE false END`, p.names.channel).Scan(&free)
-	if err != nil {
+	var open bool
+	if err := p.pool.QueryRow(ctx, skippersOpenSQL, p.names.channel).Scan(&open); err != nil {
 		return true // cannot tell: look again
 	}
-	return !free
+	return open
 }
 
 func (p *Poller) jitter() time.Duration {
@@ -270,43 +326,41 @@ func (p *Poller) jitter() time.Duration {
 }
 
 // poll counts pending jobs, at most as many as wake can hold, sends one
-// JobAvailable per job for which wake has room, and schedules the next poll for the earliest future job.
+// JobAvailable per job for which wake has room, and schedules the next
+// poll for the earliest future job.
 func (p *Poller) poll(ctx context.Context) {
 	p.stats.polls.Add(1)
 	var count int64
 	var next *float64
+	var server float64
 	start := time.Now()
-	err := p.pool.QueryRow(ctx, p.query).Scan(&count, &next)
-	p.stats.pollNanos.Add(int64(time.Since(start)))
+	err := p.pool.QueryRow(ctx, p.query).Scan(&count, &next, &server)
+	end := time.Now()
+	p.stats.pollNanos.Add(int64(end.Sub(start)))
 	if err != nil {
 		if ctx.Err() != nil {
 			return
 		}
 		p.stats.pollErrors.Add(1)
-		p.stats.setError(err)
-		p.log.Error("jobwatch: poll failed", "table", p.names.table.raw, "error", err)
+		p.stats.setError(fmt.Errorf("poll %s: %w", p.names.table.raw, err))
+		key := err.Error()
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) {
+			key = pgErr.Code + pgErr.Message
+		}
+		p.problems.report(slog.LevelError, key, "jobwatch: poll failed", "table", p.names.table.raw, "error", err)
 		return
 	}
+	p.problems.clear("jobwatch: polling works again", "table", p.names.table.raw)
+	whole := math.Floor(server)
+	serverAt := time.Unix(int64(whole), int64((server-whole)*1e9))
+	p.mu.Lock()
+	p.offset = serverAt.Sub(start.Add(end.Sub(start) / 2))
+	p.mu.Unlock()
 	// Never more than the channel has room for: a woken worker fetches
 	// until nothing is due, so wake-ups beyond that would only be dropped.
-	p.stats.wake(min(count, int64(cap(p.wake)-len(p.wake))))
+	p.stats.wake(min(count, p.stats.room()))
 	if next != nil {
 		p.scheduleIn(time.Duration(*next * float64(time.Second)))
-	}
-}
-
-func (p *Poller) repairTriggers(ctx context.Context) {
-	installed, err := ensureTriggers(ctx, p.pool, p.names, p.opts)
-	switch {
-	case err == nil:
-		if installed {
-			p.stats.repairs.Add(1)
-		}
-	case ctx.Err() != nil:
-	case errors.Is(err, ErrTriggersBusy):
-		p.log.Info("jobwatch: trigger repair deferred", "table", p.names.table.raw, "error", err)
-	default:
-		p.stats.setError(err)
-		p.log.Error("jobwatch: trigger repair failed", "table", p.names.table.raw, "error", err)
 	}
 }

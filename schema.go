@@ -1,6 +1,26 @@
 package jobwatch
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// The job table's SQL facts, stated once for the triggers, the poller and
+// CreateJobTableSQL.
+const (
+	// pendingStatuses lists the statuses of a job that waits to run.
+	pendingStatuses = `'job_status_not_started', 'job_status_retry'`
+	// pendingNow is the spec's condition for a job that can run now. It
+	// compares status with the list as the column's own type, so that the
+	// partial index CreateJobTableSQL makes serves it.
+	pendingNow = `status IN (` + pendingStatuses + `) AND locked_by IS NULL AND run_at <= now()`
+	// pendingLater is the condition for a job scheduled for later.
+	pendingLater = `status IN (` + pendingStatuses + `) AND locked_by IS NULL AND run_at > now()`
+	// pendingIndexPredicate is the partial index's predicate: pendingNow
+	// without the time, which an index predicate cannot hold.
+	pendingIndexPredicate = `status IN (` + pendingStatuses + `) AND locked_by IS NULL`
+)
 
 // CreateJobTableSQL returns SQL that creates an IHP-shaped job table, when
 // it is missing, with the job_status enum type (also when missing) and the
@@ -13,11 +33,11 @@ import "fmt"
 func CreateJobTableSQL(tableName string) string {
 	n, err := deriveNames(tableName)
 	if err != nil {
-		return CreateNotificationTriggerSQL(tableName) // raises the same error
+		return raiseSQL(err)
 	}
 	table := n.table.quoted()
 	typ := n.table.qualify("job_status")
-	index := pgIdent(derivedName("jobwatch_pending_", n.table.base()))
+	index := pgx.Identifier{ownName(indexPrefix, n.table.base())}.Sanitize()
 	return fmt.Sprintf(`DO $$ BEGIN
     CREATE TYPE %[2]s AS ENUM ('job_status_not_started', 'job_status_running',
         'job_status_failed', 'job_status_timed_out', 'job_status_succeeded', 'job_status_retry');
@@ -35,6 +55,6 @@ CREATE TABLE IF NOT EXISTS %[1]s (
     run_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL
 );
 CREATE INDEX IF NOT EXISTS %[3]s ON %[1]s (run_at)
-    WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL;
-`, table, typ, index)
+    WHERE %[4]s;
+`, table, typ, index, pendingIndexPredicate)
 }

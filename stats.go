@@ -5,7 +5,8 @@ import (
 	"time"
 )
 
-// Stats is a snapshot of a Watch's or Poller's counters, for metrics.
+// Stats is a snapshot of a Watch's or Poller's counters, for metrics. All
+// are counts since start, safe to read at any time.
 type Stats struct {
 	Notifications  uint64        // notifications received on the table's channel
 	WakeupsSent    uint64        // JobAvailable messages put on the wake channel
@@ -16,6 +17,50 @@ type Stats struct {
 	TriggerRepairs uint64        // times missing triggers were re-created
 	LastError      error         // the last poll, install or repair error; nil if none
 	LastErrorAt    time.Time     // when LastError happened
+}
+
+// ListenerStats is a snapshot of a Listener's counters, for metrics.
+type ListenerStats struct {
+	Connected     bool      // a connection is up and listening
+	Connects      uint64    // successful connects, the first included
+	Reconnects    uint64    // successful connects after the first
+	Notifications uint64    // notifications received for subscribed channels
+	Subscriptions int       // subscriptions active now
+	LastError     error     // the last connection error, nil if none
+	LastErrorAt   time.Time // when LastError happened
+}
+
+type listenerCounters struct {
+	connected     atomic.Bool
+	connects      atomic.Uint64
+	notifications atomic.Uint64
+	lastErr       atomic.Pointer[timedError]
+}
+
+func (c *listenerCounters) setError(err error) {
+	if err != nil {
+		c.lastErr.Store(&timedError{err: err, at: time.Now()})
+	}
+}
+
+func (c *listenerCounters) snapshot() ListenerStats {
+	s := ListenerStats{
+		Connected:     c.connected.Load(),
+		Connects:      c.connects.Load(),
+		Notifications: c.notifications.Load(),
+	}
+	if s.Connects > 0 {
+		s.Reconnects = s.Connects - 1
+	}
+	if e := c.lastErr.Load(); e != nil {
+		s.LastError, s.LastErrorAt = e.err, e.at
+	}
+	return s
+}
+
+type timedError struct {
+	err error
+	at  time.Time
 }
 
 // counters is the live state behind Stats, shared by a Watch and its Poller.

@@ -1,116 +1,85 @@
 package jobwatch
 
 import (
-	"context"
-	"errors"
-	"fmt"
 	"strconv"
 	"strings"
 
-	"github.com/jackc/pgx/v5/pgconn"
-	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jackc/pgx/v5"
 )
-
-// Errors returned (wrapped) by the trigger functions; callers branch on them
-// with errors.Is.
-var (
-	// ErrNilPool is returned when a nil *pgxpool.Pool is passed.
-	ErrNilPool = errors.New("nil pool")
-	// ErrTableNotFound means the job table does not exist (to_regclass
-	// found nothing under that name).
-	ErrTableNotFound = errors.New("table does not exist")
-	// ErrMissingColumns means the table lacks a column the library relies
-	// on: status, run_at or locked_by.
-	ErrMissingColumns = errors.New("table lacks a job column")
-	// ErrColumnType means a job column has a type the triggers cannot use:
-	// run_at must be a timestamp (with or without time zone).
-	ErrColumnType = errors.New("job column of the wrong type")
-	// ErrTriggersBusy means the triggers could not be installed right now
-	// without waiting: another installer holds the installation lock, or a
-	// writer holds a lock on the table. Nothing was changed; try again later
-	// (the poller's repair does).
-	ErrTriggersBusy = errors.New("trigger installation busy")
-)
-
-// Notification payloads sent by the trigger function. An empty payload (as
-// IHP's triggers send) means one job is due; payloadDue+"<n>" means n jobs
-// became due in one statement; payloadIn+"<seconds>" means the earliest job
-// of a statement is due that many seconds from now.
-const (
-	payloadDue   = "due:"
-	payloadIn    = "in:"
-	payloadGated = "g:" // prefix: sent by a gated trigger (see WithNotifyGate)
-)
-
-// The advisory lock keys of the notify gate: the first int4 of each, the
-// second being hashtext(channel).
-const (
-	gateNotifyKey = "hashtext('jobwatch notify')"
-	gateSkipKey   = "hashtext('jobwatch skip')"
-)
-
-// maxDueCount caps the count of due rows a statement's notification
-// carries.
-const maxDueCount = 1000
 
 // transitionTable is the name the statement triggers give their NEW TABLE.
 const transitionTable = "jobwatch_new_rows"
 
-// execer is what trigger installation needs: a *pgxpool.Pool or a *pgx.Conn.
-type execer interface {
-	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
-}
-
 // CreateNotificationTriggerSQL returns one SQL statement (a DO block) that
-// installs the notification triggers of a job table. It:
+// installs the notification triggers of a job table, or brings them up to
+// date, and changes nothing when they are current. Run it in a migration
+// when workers must not do DDL: it needs the rights of the table's owner.
+// It:
 //
 //   - fails with a clear message when the table does not exist, lacks the
 //     status, run_at or locked_by column, or has a run_at that is not a
 //     timestamp (which would make every INSERT fail);
-//   - takes a transaction-level advisory lock without waiting (the same key
-//     IHP uses), so only one installer works at a time and the others fail at
-//     once with SQLSTATE 55P03 instead of queueing or meeting "tuple
-//     concurrently updated";
-//   - always refreshes the trigger functions with CREATE OR REPLACE
-//     FUNCTION, which locks only the functions' catalog rows: IHP's
-//     notify_job_queued_<table>, which serves IHP's per-row triggers when
-//     those are installed, and jobwatch_notify_<table>, which jobwatch's
-//     statement triggers call (an IHP worker replaces IHP's function with
-//     its per-row body whenever it starts, and that body, run per statement,
-//     would notify on every UPDATE);
-//   - creates each of the two triggers (AFTER INSERT and AFTER UPDATE) only
-//     when it is missing, after taking the table lock with NOWAIT under a
-//     short lock_timeout, so it never queues behind a writer and never makes
-//     later writers queue behind it. A healthy trigger is never dropped.
+//   - reads the catalog first and, when everything is in place and its
+//     function bodies are the ones this version installs, ends there: no
+//     lock, no DDL, so it also succeeds for a role without DDL rights;
+//   - otherwise takes a transaction-level advisory lock without waiting
+//     (the key IHP uses), so only one installer works at a time and the
+//     others fail at once with SQLSTATE 55P03 instead of queueing or
+//     meeting "tuple concurrently updated";
+//   - creates or replaces the trigger function jobwatch_notify_<table> when
+//     its body differs, which locks only the function's catalog row, and
+//     creates IHP's notify_job_queued_<table> for IHP's per-row triggers
+//     when it is missing (never replacing IHP's own);
+//   - creates each missing trigger after taking the table lock with NOWAIT
+//     under a short lock_timeout, so it never queues behind a writer and
+//     never makes later writers queue behind it. A trigger that exists is
+//     never dropped, IHP's included.
 //
-// The triggers fire once per statement and read the statement's new rows
-// from a transition table: a statement that leaves rows in
-// job_status_not_started or job_status_retry sends one NOTIFY on
+// The triggers, AFTER INSERT and AFTER UPDATE, fire once per statement and
+// read its new rows from a transition table. A statement that leaves rows
+// in job_status_not_started or job_status_retry sends one NOTIFY on
 // ChannelName(tableName) when some are due now (payload "" for one job,
-// "due:<n>" for n, counted up to 1000), and one with payload "in:<seconds>" when some are
-// scheduled for later (the time until the earliest). Any payload wakes an
-// IHP worker, which ignores it. The function body also works when called by
-// IHP's per-row triggers, so IHP and Go workers can share a table.
+// "due:<n>" for n, counted up to 1000), and one with payload
+// "at:<epoch seconds>" when some are scheduled for later (when the earliest
+// is due, on the server's clock). A transaction announces at most 4 counts
+// or times on a channel (a later "at:" only when it is earlier than those
+// announced); past that it sends "poll", which PostgreSQL merges into one
+// and which makes each watch look at the table itself. Any payload wakes
+// an IHP worker, which ignores it.
+//
+// On a partitioned table the statement triggers go on the table and on
+// every partition, because a statement that names a partition fires only
+// that partition's statement triggers. A row trigger on the partitioned
+// table, which PostgreSQL clones onto every partition created or attached
+// later, sends "poll" for the rows of a partition until the statement
+// triggers are installed on it too; installing them disables that
+// partition's clone, so bulk inserts keep one notification per statement.
 //
 // Every name is quoted; no table name can inject SQL. For a name that is not
 // a valid table name the statement raises an error when run.
 func CreateNotificationTriggerSQL(tableName string) string {
-	n, err := deriveNames(tableName)
-	if err != nil {
-		return "DO " + dollarQuote("jobwatch",
-			" BEGIN RAISE EXCEPTION 'jobwatch: %', "+quoteLiteral(err.Error())+" USING ERRCODE = '42602'; END ")
-	}
-	return n.triggerSQL(false)
+	return CreateNotificationTriggerSQLWith(tableName)
 }
 
 // CreateNotificationTriggerSQLWith is CreateNotificationTriggerSQL with
-// options; WithNotifyGate is the one that changes the script.
+// options; WithNotifyGate is the one that changes the script. An option
+// that does not apply gives a script that raises ErrInvalidOption's text.
 func CreateNotificationTriggerSQLWith(tableName string, opts ...Option) string {
 	n, err := deriveNames(tableName)
 	if err != nil {
-		return CreateNotificationTriggerSQL(tableName)
+		return raiseSQL(err)
 	}
-	return n.triggerSQL(buildOptions(opts).gate)
+	o, err := buildOptions(scopeTriggers, opts)
+	if err != nil {
+		return raiseSQL(err)
+	}
+	return n.triggerSQL(o.gate)
+}
+
+// raiseSQL returns a statement that fails with err's message when run.
+func raiseSQL(err error) string {
+	return "DO " + dollarQuote("jobwatch",
+		" BEGIN RAISE EXCEPTION '%', "+quoteLiteral("jobwatch: "+err.Error())+" USING ERRCODE = '42602'; END ")
 }
 
 // quoteLiteral returns s as an SQL string literal that reads the same
@@ -123,6 +92,8 @@ func quoteLiteral(s string) string {
 	return "'" + s + "'"
 }
 
+func ident(s string) string { return pgx.Identifier{s}.Sanitize() }
+
 // dollarQuote wraps body in a dollar quote whose tag does not occur in body.
 func dollarQuote(tag, body string) string {
 	t := "$" + tag + "$"
@@ -132,73 +103,188 @@ func dollarQuote(tag, body string) string {
 	return t + body + t
 }
 
-func (n names) triggerSQL(gate bool) string {
-	chanLit := quoteLiteral(n.channel)
-	fn := n.table.qualify(n.function)
-	stmtFn := n.table.qualify(n.stmtFunction)
-	table := n.table.quoted()
-	schemaKey := "current_schema()"
-	if n.table.schema != "" {
-		schemaKey = quoteLiteral(n.table.schema)
-	}
-
-	// The gate: every notifying transaction first takes the skip key in
-	// shared mode; then only the one holding the notify key notifies, the
-	// others skip, and the watcher's trailing polls find their jobs.
-	gateSQL, prefix := "", "''"
+// statementBody is the body of jobwatch_notify_<table>, which the
+// statement triggers call.
+func (n names) statementBody(gate bool) string {
+	ch := quoteLiteral(n.channel)
+	prefix := "''"
+	gateSQL := ""
 	if gate {
-		gateSQL = `
-    PERFORM pg_advisory_xact_lock_shared(` + gateSkipKey + `, hashtext(` + chanLit + `));
-    IF NOT pg_try_advisory_xact_lock(` + gateNotifyKey + `, hashtext(` + chanLit + `)) THEN
-        RETURN NULL;
-    END IF;`
-		prefix = "'" + payloadGated + "'"
+		prefix = quoteLiteral(payloadGated)
+		gateSQL = gateStatementSQL(ch)
 	}
-	body := `
+	bound := strconv.Itoa(maxAnnouncements)
+	return `
 DECLARE
     due bigint;
     next_at timestamptz;
+    state text;
+    sent int;
+    announced numeric;
 BEGIN
-    IF TG_LEVEL = 'ROW' THEN
-        PERFORM pg_notify(` + chanLit + `, '');
-        RETURN NULL;
-    END IF;
-    -- How many rows are due (counted up to ` + strconv.Itoa(maxDueCount) + `: no watcher wakes more
-    -- workers than that), and when the earliest future one is due.
+    -- status::text: the column may be IHP's job_status enum, text or a
+    -- domain over text, and comparing as text cannot fail on an enum that
+    -- lacks one of the labels. Due rows are counted up to ` + strconv.Itoa(maxDueCount) + `: no watch
+    -- wakes more workers than that.
     SELECT count(*) INTO due FROM (SELECT 1 FROM ` + transitionTable + ` j
-     WHERE j.run_at <= now() AND j.status::text IN ('job_status_not_started', 'job_status_retry')
+     WHERE j.status::text IN (` + pendingStatuses + `) AND j.run_at <= now()
      LIMIT ` + strconv.Itoa(maxDueCount) + `) d;
     SELECT min(j.run_at) INTO next_at FROM ` + transitionTable + ` j
-     WHERE j.run_at > now() AND j.status::text IN ('job_status_not_started', 'job_status_retry');
+     WHERE j.status::text IN (` + pendingStatuses + `) AND j.run_at > now();
     IF due = 0 AND next_at IS NULL THEN
         RETURN NULL;
     END IF;` + gateSQL + `
     IF due = 1 THEN
-        PERFORM pg_notify(` + chanLit + `, ` + prefix + `);
-    ELSIF due > 1 THEN
-        PERFORM pg_notify(` + chanLit + `, ` + prefix + ` || '` + payloadDue + `' || due);
+        PERFORM pg_notify(` + ch + `, ` + prefix + `);
     END IF;
-    IF next_at IS NOT NULL THEN
-        PERFORM pg_notify(` + chanLit + `, ` + prefix + ` || '` + payloadIn + `' || extract(epoch FROM next_at - clock_timestamp()));
+    IF due < 2 AND next_at IS NULL THEN
+        RETURN NULL;
     END IF;
+    -- What this transaction has announced on the channel so far: how many
+    -- counts and times, and the earliest time. PostgreSQL merges identical
+    -- notifications of a transaction, but not these, so past ` + bound + ` the
+    -- transaction sends "poll" (merged into one), and each watch then
+    -- reads the count and the time from the table itself.
+    state := current_setting(` + quoteLiteral(n.setting) + `, true);
+    sent := coalesce(nullif(split_part(state, ' ', 1), '')::int, 0);
+    announced := nullif(split_part(state, ' ', 2), '')::numeric;
+    IF due > 1 THEN
+        IF sent < ` + bound + ` THEN
+            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadDue + `' || due);
+            sent := sent + 1;
+        ELSE
+            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadPoll + `');
+        END IF;
+    END IF;
+    -- The time is absolute, on the server's clock: the notification is
+    -- delivered at commit, however long after this statement that is.
+    IF next_at IS NOT NULL AND (announced IS NULL OR extract(epoch FROM next_at) < announced) THEN
+        IF sent < ` + bound + ` THEN
+            announced := extract(epoch FROM next_at);
+            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadAt + `' || announced);
+            sent := sent + 1;
+        ELSE
+            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadPoll + `');
+        END IF;
+    END IF;
+    PERFORM set_config(` + quoteLiteral(n.setting) + `, sent || ' ' || coalesce(announced::text, ''), true);
     RETURN NULL;
 END
 `
-	quotedBody := dollarQuote("jobwatch_fn", body)
-	exists := func(trigger string) string {
-		return "EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = tbl AND tgname = " + quoteLiteral(trigger) + ")"
+}
+
+// rowBody is the body of the row trigger a partitioned table gets: it
+// fires only on partitions that lack their own statement triggers.
+func (n names) rowBody() string {
+	return `
+BEGIN
+    -- One "poll" per row; PostgreSQL merges them into one per transaction.
+    PERFORM pg_notify(` + quoteLiteral(n.channel) + `, '` + payloadPoll + `');
+    RETURN NULL;
+END
+`
+}
+
+// ihpBody is IHP's body of notify_job_queued_<table>, to the byte, so that
+// an IHP worker and jobwatch never see each other's version as different.
+func (n names) ihpBody() string {
+	return "BEGIN\n    PERFORM pg_notify(" + quoteLiteral(n.channel) + ", '');\n    RETURN new;\nEND;\n"
+}
+
+// hasTrigger is SQL that is true when relation rel has a trigger named
+// name (enabled, when enabled is set).
+func hasTrigger(rel, name string, enabled bool) string {
+	s := "EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = " + rel + " AND tgname = " + quoteLiteral(name)
+	if enabled {
+		s += " AND tgenabled <> 'D'"
 	}
-	create := func(trigger, event string) string {
-		return "CREATE TRIGGER " + pgIdent(trigger) + " AFTER " + event + " ON " + table +
-			" REFERENCING NEW TABLE AS " + transitionTable +
-			" FOR EACH STATEMENT EXECUTE FUNCTION " + stmtFn + "()"
+	return s + ")"
+}
+
+// partitionsSQL lists the partitions of table tbl (a regclass expression)
+// at every level, with what each has of jobwatch's triggers.
+func (n names) partitionsSQL(tbl string) string {
+	return `SELECT p.relid, pc.relkind = 'r' AS leaf,
+       ` + hasTrigger("p.relid", n.partInsertTrigger, false) + ` AS has_insert,
+       ` + hasTrigger("p.relid", n.partUpdateTrigger, false) + ` AS has_update,
+       ` + hasTrigger("p.relid", n.rowTrigger, true) + ` AS row_on
+  FROM pg_partition_tree(` + tbl + `) p JOIN pg_class pc ON pc.oid = p.relid
+ WHERE p.relid <> ` + tbl + ` AND pc.relkind IN ('r', 'p')`
+}
+
+// stateSQL is the one query that says what of the installation is
+// missing; EnsureNotificationTriggers, NotificationTriggersHealthy and the
+// install script all read it. tbl is a regclass expression, stmtBody and
+// rowBody text expressions of the bodies this version installs. It returns
+// no row when the table does not exist. Columns: partitioned, has_insert,
+// has_update, has_row, uncovered (partitions whose statements notify
+// nobody), incomplete (partitions lacking their statement triggers or
+// still firing the row trigger), stale (a function of jobwatch's has
+// another body).
+func (n names) stateSQL(tbl, stmtBody, rowBody string) string {
+	sameBody := func(fn, body string) string {
+		return "EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure(" + quoteLiteral(fn+"()") +
+			") AND prosrc IS DISTINCT FROM " + body + ")"
 	}
+	return `WITH parts AS (` + n.partitionsSQL(tbl) + `)
+SELECT c.relkind = 'p',
+       ` + hasTrigger("c.oid", n.insertTrigger, false) + `,
+       ` + hasTrigger("c.oid", n.updateTrigger, false) + `,
+       ` + hasTrigger("c.oid", n.rowTrigger, false) + `,
+       (SELECT count(*)::int FROM parts WHERE NOT (has_insert AND has_update) AND NOT (leaf AND row_on)),
+       (SELECT count(*)::int FROM parts WHERE NOT (has_insert AND has_update) OR (leaf AND row_on)),
+       ` + sameBody(n.table.qualify(n.function), stmtBody) + ` OR ` + sameBody(n.table.qualify(n.rowFunction), rowBody) + `
+  FROM pg_class c WHERE c.oid = ` + tbl
+}
+
+// triggerSQL is the install script (see CreateNotificationTriggerSQL).
+func (n names) triggerSQL(gate bool) string {
+	table := n.table.quoted()
+	fn := n.table.qualify(n.function)
+	rowFn := n.table.qualify(n.rowFunction)
+	ihpFn := n.table.qualify(n.ihpFunction)
 	raw := quoteLiteral(n.table.raw)
+	schemaKey := "current_schema()"
+	if n.table.schema != "" {
+		schemaKey = quoteLiteral(n.table.schema)
+	}
+	createFunction := func(name, body string) string {
+		return `EXECUTE 'CREATE OR REPLACE FUNCTION ` + strings.ReplaceAll(name, "'", "''") +
+			`() RETURNS trigger LANGUAGE plpgsql AS ' || quote_literal(` + body + `);`
+	}
+	statementTrigger := func(trigger, event, on string) string {
+		return "CREATE TRIGGER " + ident(trigger) + " AFTER " + event + " ON " + on +
+			" REFERENCING NEW TABLE AS " + transitionTable + " FOR EACH STATEMENT EXECUTE FUNCTION " + fn + "()"
+	}
+	// For the partitions, whose names are known only when it runs, the
+	// script builds the same statements with format().
+	partTrigger := func(trigger, event string) string {
+		return `EXECUTE format(` + quoteLiteral("CREATE TRIGGER %I AFTER "+event+" ON %s REFERENCING NEW TABLE AS "+
+			transitionTable+" FOR EACH STATEMENT EXECUTE FUNCTION "+fn+"()") + `, ` + quoteLiteral(trigger) + `, part.relid);`
+	}
+	ihp := ""
+	if n.ownsIHPFunction {
+		ihp = `
+        IF to_regprocedure(` + quoteLiteral(ihpFn+"()") + `) IS NULL THEN
+            ` + createFunction(ihpFn, "ihp_body") + `
+        END IF;`
+	}
 
 	block := `
 DECLARE
     tbl regclass := to_regclass(` + quoteLiteral(table) + `);
+    stmt_body text := ` + dollarQuote("jobwatch_fn", n.statementBody(gate)) + `;
+    row_body text := ` + dollarQuote("jobwatch_fn", n.rowBody()) + `;
+    ihp_body text := ` + dollarQuote("jobwatch_fn", n.ihpBody()) + `;
     missing text;
+    st_partitioned bool;
+    st_has_insert bool;
+    st_has_update bool;
+    st_has_row bool;
+    st_uncovered int;
+    st_incomplete int;
+    st_stale bool;
+    part record;
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'jobwatch: table % does not exist', ` + raw + ` USING ERRCODE = '42P01';
@@ -210,123 +296,69 @@ BEGIN
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'jobwatch: table % lacks column(s) %', ` + raw + `, missing USING ERRCODE = '42703';
     END IF;
-    -- The trigger compares run_at with now(): any other type would make
+    -- The triggers compare run_at with now(): any other type would make
     -- every INSERT fail.
     IF NOT EXISTS (SELECT 1 FROM pg_attribute a
                     WHERE a.attrelid = tbl AND a.attname = 'run_at' AND NOT a.attisdropped
                       AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype)) THEN
         RAISE EXCEPTION 'jobwatch: column run_at of table % must be a timestamp', ` + raw + ` USING ERRCODE = '42804';
     END IF;
+    SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale
+      FROM (` + n.stateSQL("tbl", "stmt_body", "row_body") + `) s;
+    -- Current: nothing to do, so no lock and no DDL.
+    IF st_has_insert AND st_has_update AND NOT st_stale AND (NOT st_partitioned OR (st_has_row AND st_incomplete = 0)) THEN
+        RETURN;
+    END IF;
     SET LOCAL lock_timeout = '1s';
-    IF NOT pg_try_advisory_xact_lock(hashtext(` + schemaKey + `), hashtext(` + quoteLiteral(n.function) + `::name::text)) THEN
+    IF NOT pg_try_advisory_xact_lock(hashtext(` + schemaKey + `), hashtext(` + quoteLiteral(n.ihpFunction) + `::name::text)) THEN
         RAISE EXCEPTION 'jobwatch: notification trigger installation already in progress for %', ` + raw + ` USING ERRCODE = '55P03';
     END IF;
-    CREATE OR REPLACE FUNCTION ` + fn + `() RETURNS trigger LANGUAGE plpgsql AS ` + quotedBody + `;
-    CREATE OR REPLACE FUNCTION ` + stmtFn + `() RETURNS trigger LANGUAGE plpgsql AS ` + quotedBody + `;
-    IF NOT ` + exists(n.insertTrigger) + ` OR NOT ` + exists(n.updateTrigger) + ` THEN
-        LOCK TABLE ` + table + ` IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+    -- Read again under the lock: another installer may just have finished.
+    SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale
+      FROM (` + n.stateSQL("tbl", "stmt_body", "row_body") + `) s;
+    IF st_stale OR to_regprocedure(` + quoteLiteral(fn+"()") + `) IS NULL THEN
+        ` + createFunction(fn, "stmt_body") + `
     END IF;
-    IF NOT ` + exists(n.insertTrigger) + ` THEN
-        ` + create(n.insertTrigger, "INSERT") + `;
+    IF st_partitioned AND (st_stale OR to_regprocedure(` + quoteLiteral(rowFn+"()") + `) IS NULL) THEN
+        ` + createFunction(rowFn, "row_body") + `
     END IF;
-    IF NOT ` + exists(n.updateTrigger) + ` THEN
-        ` + create(n.updateTrigger, "UPDATE") + `;
+    IF NOT st_has_insert OR NOT st_has_update OR (st_partitioned AND NOT st_has_row) THEN` + ihp + `
+        -- The row trigger is cloned onto every partition: lock them all.
+        IF st_partitioned AND NOT st_has_row THEN
+            LOCK TABLE ` + table + ` IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+        ELSE
+            LOCK TABLE ONLY ` + table + ` IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+        END IF;
+    END IF;
+    IF NOT st_has_insert THEN
+        ` + statementTrigger(n.insertTrigger, "INSERT", table) + `;
+    END IF;
+    IF NOT st_has_update THEN
+        ` + statementTrigger(n.updateTrigger, "UPDATE", table) + `;
+    END IF;
+    IF st_partitioned AND NOT st_has_row THEN
+        CREATE TRIGGER ` + ident(n.rowTrigger) + ` AFTER INSERT OR UPDATE ON ` + table + `
+            FOR EACH ROW WHEN (NEW.status::text IN (` + pendingStatuses + `)) EXECUTE FUNCTION ` + rowFn + `();
+    END IF;
+    IF st_partitioned THEN
+        -- Statement triggers on each partition, then its clone of the row
+        -- trigger off. Only a leaf's clone: one on a partitioned partition
+        -- is what PostgreSQL copies onto the partitions created under it.
+        FOR part IN ` + n.partitionsSQL("tbl") + ` LOOP
+            CONTINUE WHEN part.has_insert AND part.has_update AND NOT (part.leaf AND part.row_on);
+            EXECUTE format('LOCK TABLE ONLY %s IN SHARE ROW EXCLUSIVE MODE NOWAIT', part.relid);
+            IF NOT part.has_insert THEN
+                ` + partTrigger(n.partInsertTrigger, "INSERT") + `
+            END IF;
+            IF NOT part.has_update THEN
+                ` + partTrigger(n.partUpdateTrigger, "UPDATE") + `
+            END IF;
+            IF part.leaf AND part.row_on THEN
+                EXECUTE format('ALTER TABLE %s DISABLE TRIGGER %I', part.relid, ` + quoteLiteral(n.rowTrigger) + `);
+            END IF;
+        END LOOP;
     END IF;
 END
 `
 	return "DO " + dollarQuote("jobwatch", block)
-}
-
-func pgIdent(s string) string {
-	return `"` + strings.ReplaceAll(s, `"`, `""`) + `"`
-}
-
-// installTriggers runs the trigger script and maps its errors to this
-// package's sentinels.
-func installTriggers(ctx context.Context, db execer, n names, gate bool) error {
-	_, err := db.Exec(ctx, n.triggerSQL(gate))
-	if err == nil {
-		return nil
-	}
-	what := fmt.Sprintf("jobwatch: install notification triggers on %s", n.table.raw)
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "42P01":
-			return fmt.Errorf("%s: %w: %w", what, ErrTableNotFound, err)
-		case "42703":
-			return fmt.Errorf("%s: %w: %w", what, ErrMissingColumns, err)
-		case "42804":
-			return fmt.Errorf("%s: %w: %w", what, ErrColumnType, err)
-		case "55P03":
-			return fmt.Errorf("%s: %w: %w", what, ErrTriggersBusy, err)
-		}
-	}
-	return fmt.Errorf("%s: %w", what, err)
-}
-
-// triggersHealthy reports whether both notification triggers exist on the
-// table.
-func triggersHealthy(ctx context.Context, pool *pgxpool.Pool, n names) (bool, error) {
-	var found bool
-	var count int
-	err := pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL,
-		(SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND tgname IN ($2, $3) AND NOT tgisinternal)`,
-		n.table.quoted(), n.insertTrigger, n.updateTrigger).Scan(&found, &count)
-	if err != nil {
-		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", n.table.raw, err)
-	}
-	if !found {
-		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", n.table.raw, ErrTableNotFound)
-	}
-	return count == 2, nil
-}
-
-// NotificationTriggersHealthy reports whether both notification triggers
-// (insert and update, under the names this package and IHP derive from
-// tableName) exist on the table. It returns an error wrapping
-// ErrTableNotFound when the table does not exist.
-func NotificationTriggersHealthy(ctx context.Context, pool *pgxpool.Pool, tableName string) (bool, error) {
-	n, err := deriveNames(tableName)
-	if err != nil {
-		return false, fmt.Errorf("jobwatch: %w", err)
-	}
-	if pool == nil {
-		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", tableName, ErrNilPool)
-	}
-	return triggersHealthy(ctx, pool, n)
-}
-
-// EnsureNotificationTriggers installs the notification triggers when either
-// is missing and logs that it did; when both exist it changes nothing. It
-// returns an error wrapping ErrTableNotFound, ErrMissingColumns,
-// ErrColumnType or ErrTriggersBusy when those are the cause.
-func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableName string, opts ...Option) error {
-	n, err := deriveNames(tableName)
-	if err != nil {
-		return fmt.Errorf("jobwatch: %w", err)
-	}
-	if pool == nil {
-		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, ErrNilPool)
-	}
-	o := buildOptions(opts)
-	_, err = ensureTriggers(ctx, pool, n, o)
-	return err
-}
-
-// ensureTriggers is EnsureNotificationTriggers after validation; it reports
-// whether it installed anything.
-func ensureTriggers(ctx context.Context, pool *pgxpool.Pool, n names, o options) (bool, error) {
-	logger := o.logger
-	healthy, err := triggersHealthy(ctx, pool, n)
-	if err != nil || healthy {
-		return false, err
-	}
-	logger.Info("jobwatch: notification triggers missing, recreating",
-		"table", n.table.raw, "insert_trigger", n.insertTrigger, "update_trigger", n.updateTrigger)
-	if err := installTriggers(ctx, pool, n, o.gate); err != nil {
-		return false, err
-	}
-	logger.Info("jobwatch: recreated notification triggers", "table", n.table.raw)
-	return true, nil
 }

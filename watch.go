@@ -1,27 +1,11 @@
-// Package jobwatch tells a PostgreSQL-backed job runner when there is work.
-//
-// It installs statement-level AFTER INSERT and AFTER UPDATE triggers on a
-// job table that NOTIFY a per-table channel, shares one LISTEN connection
-// (a Listener) between every table a process watches, and runs a poller
-// that finds what notifications cannot: jobs whose run_at passes later,
-// and notifications lost while disconnected. Both put non-blocking
-// JobAvailable messages on a buffered channel the caller owns; fetching and
-// running the jobs stays with the caller.
-//
-// It is a Go port of IHP's IHP.Job.Queue.Watch and IHP.PGListener. It uses
-// IHP's channel and trigger names and keeps IHP's trigger function,
-// notify_job_queued_<table>, working for IHP's per-row triggers, so Go and
-// IHP workers can share a table; its own statement triggers call
-// jobwatch_notify_<table> (see CreateNotificationTriggerSQL).
 package jobwatch
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strconv"
-	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -50,9 +34,9 @@ func (m Message) String() string {
 	return "Message(" + strconv.Itoa(int(m)) + ")"
 }
 
-// Watch is a running watch on one job table: a Listener subscription and a
-// Poller. Stop it with Close or by cancelling the context it was started
-// with.
+// Watch is a running watch on one job table: a Listener subscription, a
+// Poller and the installer that keeps the triggers in place. Stop it with
+// Close or by cancelling the context it was started with.
 type Watch struct {
 	listener        *Listener
 	sub             *Subscription
@@ -60,6 +44,7 @@ type Watch struct {
 	removeReconnect func()
 	stopAfter       func() bool
 	stats           *counters
+	started         atomic.Bool // the poller runs: reconnects call for catch-up
 	done            chan struct{}
 
 	// closing is held for reading by the callbacks while they act and
@@ -81,21 +66,28 @@ func WatchForJob(ctx context.Context, pool *pgxpool.Pool, listener *Listener,
 // JobAvailable on wake whenever a job may be ready, never blocking (a full
 // channel is logged, at most once per interval, see WithDropLogInterval).
 //
-// It installs the notification triggers (a failure is logged and the poller
-// retries it when repair is on, never fatal), re-installs them after every
-// Listener (re)connect, subscribes to ChannelName(tableName), and starts
-// PollForJob(ctx, repair, ...). After every Listener reconnect it also puts
-// one JobAvailable on wake and polls at once, because notifications sent
-// while the Listener was disconnected are lost. A notification announcing a
-// job scheduled for later makes the poller check again when it is due.
+// It makes the notification triggers current before it returns when it
+// can (when they are, it only reads the catalog: a role without DDL rights
+// works once a migration installed them). When it cannot, because the
+// table does not exist yet, the role may not, or a lock is held, it says
+// so in one log line and retries on a backoff of its own, 1s growing to
+// 30s (WithInstallBackoff), never failing the call. It checks them again
+// after every Listener reconnect and, with repair, after every interval
+// poll. It subscribes to ChannelName(tableName) and starts PollForJob's
+// poller. After every Listener reconnect it also puts one JobAvailable on
+// wake and polls at once, because notifications sent while the Listener
+// was disconnected are lost, and it polls at once after installing
+// missing triggers. A notification announcing a job scheduled for later
+// makes the poller check again when it is due.
 //
 // It returns an error, and starts nothing, for a nil listener or pool, an
-// invalid table name, a nil or unbuffered channel or a poll interval that
-// is not positive. The table need not exist yet.
+// invalid table name, a nil or unbuffered channel, a poll interval that is
+// not positive, an option that does not apply (see Option), or a closed
+// Listener. The table need not exist yet.
 func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	pool *pgxpool.Pool, listener *Listener, tableName string,
 	pollInterval time.Duration, wake chan<- Message, opts ...Option) (*Watch, error) {
-	n, err := validate(pool, tableName, pollInterval, wake)
+	n, o, err := validate("watch", pool, tableName, pollInterval, wake, scopeWatch, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -105,106 +97,68 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
-	o := buildOptions(opts)
 	stats := newCounters(n, wake, o)
-	log := o.logger
-
-	install := func(ctx context.Context, db execer, when string) {
-		err := installTriggers(ctx, db, n, o.gate)
-		switch {
-		case err == nil:
-		case ctx.Err() != nil:
-		case errors.Is(err, ErrTriggersBusy):
-			log.Info("jobwatch: notification triggers not installed now, the poller will retry",
-				"table", tableName, "when", when, "error", err)
-		default:
-			stats.setError(err)
-			log.Error("jobwatch: failed to install notification triggers, falling back to the poller",
-				"table", tableName, "when", when, "error", err)
-		}
-	}
-	install(ctx, pool, "start")
-
 	w := &Watch{listener: listener, stats: stats, done: make(chan struct{})}
-	// The poller starts after the subscription so that a job inserted
-	// between the first poll and the LISTEN cannot be missed; the reconnect
-	// callback may run before it exists.
-	pollerReady := make(chan struct{})
-	w.removeReconnect = listener.addReconnect(func(ctx context.Context, conn *pgx.Conn) error {
-		select {
-		case <-pollerReady:
-		default:
-			// A connect during this watch's own Subscribe: the install
-			// above and the poller's first poll, which comes after it,
-			// already cover it.
+	w.poller = newPoller(pool, n, pollInterval, o, stats, true, repair)
+	inst := w.poller.installer
+	// A first attempt now, so that the triggers are in place when this
+	// returns; on failure the installer goes on by itself.
+	if !inst.check(ctx, true) {
+		inst.request(true)
+	}
+
+	w.removeReconnect = listener.addReconnect(func(context.Context, *pgx.Conn) error {
+		// Runs on the Listener's goroutine: only signals, never queries.
+		w.closing.RLock()
+		defer w.closing.RUnlock()
+		if w.closed || !w.started.Load() {
+			// A connect during this watch's own Subscribe: the first poll,
+			// which comes after it, covers it.
 			return nil
 		}
-		install(ctx, conn, "reconnect")
-		w.closing.RLock()
-		defer w.closing.RUnlock()
-		if !w.closed {
-			stats.wake(1)
-			w.poller.pollSoon()
-		}
+		inst.request(true)
+		stats.wake(1)
+		w.poller.pollSoon()
 		return nil
 	})
-	w.sub, err = listener.Subscribe(n.channel, func(msg Notification) {
-		w.closing.RLock()
-		defer w.closing.RUnlock()
-		if w.closed {
-			return
-		}
-		stats.notifications.Add(1)
-		due, later, gated := parsePayload(msg.Payload)
-		if gated {
-			select {
-			case <-pollerReady:
-				w.poller.trailIn(trailDelay)
-			default:
-			}
-		}
-		switch {
-		case later > 0:
-			select {
-			case <-pollerReady:
-				w.poller.scheduleIn(later)
-			default:
-			}
-		case due > 1:
-			stats.wakeUpTo(due)
-		default:
-			stats.wake(1)
-		}
-	})
+	// The poller starts after the subscription, so that a job inserted
+	// between the first poll and the LISTEN cannot be missed.
+	w.sub, err = listener.Subscribe(n.channel, w.notified)
 	if err != nil {
 		w.removeReconnect()
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
-	w.poller = startPoller(context.WithoutCancel(ctx), repair, pool, n, pollInterval, wake, o, stats)
-	close(pollerReady)
+	w.poller.start(context.WithoutCancel(ctx))
+	w.started.Store(true)
 	w.stopAfter = context.AfterFunc(ctx, func() { _ = w.Close() })
 	return w, nil
 }
 
-// parsePayload reads a notification payload (see payloadDue, payloadIn and
-// payloadGated): how many jobs are due now, or how long until the earliest
-// is due, and whether a notify gate sent it. Unknown payloads count as one
-// due job.
-func parsePayload(p string) (due int64, later time.Duration, gated bool) {
-	if rest, ok := strings.CutPrefix(p, payloadGated); ok {
-		p, gated = rest, true
+// notified acts on one notification on the table's channel.
+func (w *Watch) notified(msg Notification) {
+	w.closing.RLock()
+	defer w.closing.RUnlock()
+	if w.closed {
+		return
+	}
+	w.stats.notifications.Add(1)
+	p := parsePayload(msg.Payload)
+	if p.gated {
+		w.poller.trail()
 	}
 	switch {
-	case strings.HasPrefix(p, payloadDue):
-		if n, err := strconv.ParseInt(p[len(payloadDue):], 10, 64); err == nil && n > 0 {
-			return n, 0, gated
-		}
-	case strings.HasPrefix(p, payloadIn):
-		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil && secs > 0 {
-			return 0, time.Duration(secs * float64(time.Second)), gated
-		}
+	case p.poll:
+		w.poller.pollSoon()
+	case !p.at.IsZero():
+		w.poller.scheduleAt(p.at)
+	case p.in > 0:
+		w.poller.scheduleIn(p.in)
+	default:
+		// n due jobs need no more wake-ups than the channel has room for:
+		// a woken worker fetches until none is due. One that cannot be
+		// delivered counts as dropped.
+		w.stats.wake(max(min(p.due, w.stats.room()), 1))
 	}
-	return 1, 0, gated
 }
 
 // Close unsubscribes, stops the poller and waits for it to exit. Once it

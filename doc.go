@@ -1,0 +1,25 @@
+// Package jobwatch tells a PostgreSQL-backed job runner when there is work.
+//
+// It installs statement-level AFTER INSERT and AFTER UPDATE triggers on a
+// job table that NOTIFY a per-table channel, shares one LISTEN connection
+// (a Listener) between every table a process watches, and runs a poller
+// that finds what notifications cannot: jobs whose run_at passes later,
+// and notifications lost while disconnected. Both put non-blocking
+// JobAvailable messages on a buffered channel the caller owns; fetching and
+// running the jobs stays with the caller.
+//
+// It is a Go port of IHP's IHP.Job.Queue.Watch and IHP.PGListener. It uses
+// IHP's channel and trigger names and keeps IHP's trigger function,
+// notify_job_queued_<table>, working for IHP's per-row triggers, so Go and
+// IHP workers can share a table; its own statement triggers call
+// jobwatch_notify_<table> (see CreateNotificationTriggerSQL).
+//
+// Where each concern lives: names.go reads table names and derives the
+// names of channels, functions and triggers; schema.go holds the job
+// table's SQL facts; triggers.go builds the install script and
+// install.go runs it and keeps it installed; payload.go is the format of
+// notifications; listener.go, listener_conn.go and subscription.go make
+// the Listener; poll.go the Poller; watch.go ties them together;
+// channel.go puts messages on the caller's channel; stats.go, options.go
+// and errors.go are what their names say.
+package jobwatch

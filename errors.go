@@ -1,0 +1,63 @@
+package jobwatch
+
+import "errors"
+
+// Errors of this package, returned wrapped: test for them with errors.Is.
+// Every error message starts with "jobwatch: " once, then names the step
+// that failed and the table or channel it concerns.
+var (
+	// ErrInvalidTableName is returned by every function taking a table
+	// name, for one that is empty or that PostgreSQL could not read as
+	// [schema.]table.
+	ErrInvalidTableName = errors.New("invalid table name")
+
+	// ErrNilPool is returned by the watch, poll and trigger functions for a
+	// nil *pgxpool.Pool.
+	ErrNilPool = errors.New("nil pool")
+	// ErrNilListener is returned by the watch functions for a nil
+	// *Listener, and by a nil Listener's Subscribe.
+	ErrNilListener = errors.New("nil listener")
+	// ErrNilChannel is returned by the watch and poll functions for a nil
+	// wake channel.
+	ErrNilChannel = errors.New("nil wake channel")
+	// ErrUnbufferedChannel is returned by the watch and poll functions for
+	// a wake channel without a buffer: the library never blocks on it, so
+	// an unbuffered channel would drop nearly every wake-up.
+	ErrUnbufferedChannel = errors.New("unbuffered wake channel")
+	// ErrInvalidPollInterval is returned by the watch and poll functions for
+	// a poll interval of zero or less.
+	ErrInvalidPollInterval = errors.New("poll interval must be positive")
+	// ErrInvalidOption is returned by NewListener, NewListenerConfig and
+	// the watch, poll and trigger functions for an option that does not
+	// apply to them (such as WithNotifyGate given to a Listener) or an
+	// option value out of range.
+	ErrInvalidOption = errors.New("invalid option")
+
+	// ErrTableNotFound is returned by EnsureNotificationTriggers and
+	// NotificationTriggersHealthy when the job table does not exist
+	// (to_regclass finds nothing under that name, schema included).
+	ErrTableNotFound = errors.New("table does not exist")
+	// ErrMissingColumns is returned by EnsureNotificationTriggers when the
+	// table lacks a column the library relies on: status, run_at or
+	// locked_by.
+	ErrMissingColumns = errors.New("table lacks a job column")
+	// ErrColumnType is returned by EnsureNotificationTriggers when a job
+	// column has a type the triggers cannot use: run_at must be a
+	// timestamp, with or without time zone.
+	ErrColumnType = errors.New("job column of the wrong type")
+	// ErrTriggersBusy is returned by EnsureNotificationTriggers when the
+	// triggers could not be installed right now without waiting: another
+	// installer holds the installation lock, or a writer holds a lock on
+	// the table. Nothing was changed; try again later (a watch does).
+	ErrTriggersBusy = errors.New("trigger installation busy")
+	// ErrPermissionDenied is returned by EnsureNotificationTriggers when the
+	// triggers need installing or updating and the role lacks the right to
+	// (it must own the table, and be able to create functions in its
+	// schema). Run CreateNotificationTriggerSQL as the table's owner, in a
+	// migration for example.
+	ErrPermissionDenied = errors.New("permission denied")
+
+	// ErrListenerClosed is returned by Subscribe, and by the watch
+	// functions, once the Listener is closed.
+	ErrListenerClosed = errors.New("listener closed")
+)

@@ -1,0 +1,295 @@
+package jobwatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// db is what trigger installation needs: a *pgxpool.Pool or a *pgx.Conn.
+type db interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// triggerState is what stateSQL reads from the catalog.
+type triggerState struct {
+	exists      bool
+	partitioned bool
+	hasInsert   bool
+	hasUpdate   bool
+	hasRow      bool
+	uncovered   int // partitions whose statements notify nobody
+	incomplete  int // partitions lacking statement triggers or firing the row trigger
+	stale       bool
+}
+
+// healthy reports whether every statement that leaves a pending job
+// notifies (the triggers by IHP's names may be IHP's).
+func (s triggerState) healthy() bool {
+	return s.exists && s.hasInsert && s.hasUpdate && (!s.partitioned || (s.hasRow && s.uncovered == 0))
+}
+
+// needsInstall reports whether the install script has work: a trigger or a
+// partition's triggers missing or, with bodies, a function body that is not
+// this version's.
+func (s triggerState) needsInstall(bodies bool) bool {
+	return !s.hasInsert || !s.hasUpdate || (s.partitioned && (!s.hasRow || s.incomplete > 0)) || (bodies && s.stale)
+}
+
+// what says, for a log line, what needsInstall found.
+func (s triggerState) what() string {
+	var parts []string
+	if !s.hasInsert || !s.hasUpdate {
+		parts = append(parts, "triggers missing")
+	}
+	if s.partitioned && !s.hasRow {
+		parts = append(parts, "partition row trigger missing")
+	}
+	if s.partitioned && s.incomplete > 0 {
+		parts = append(parts, fmt.Sprintf("%d partition(s) without statement triggers", s.incomplete))
+	}
+	if s.stale {
+		parts = append(parts, "trigger function from another jobwatch version")
+	}
+	return strings.Join(parts, ", ")
+}
+
+func readTriggerState(ctx context.Context, q db, n names, gate bool) (triggerState, error) {
+	tbl := "to_regclass(" + quoteLiteral(n.table.quoted()) + ")"
+	var s triggerState
+	err := q.QueryRow(ctx, n.stateSQL(tbl, "$1::text", "$2::text"), n.statementBody(gate), n.rowBody()).
+		Scan(&s.partitioned, &s.hasInsert, &s.hasUpdate, &s.hasRow, &s.uncovered, &s.incomplete, &s.stale)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return s, nil
+	case err != nil:
+		return s, fmt.Errorf("check notification triggers on %s: %w", n.table.raw, err)
+	}
+	s.exists = true
+	return s, nil
+}
+
+// sqlError is a PostgreSQL error raised by the install script, printed
+// without the "jobwatch: " its message starts with (the Go error has it).
+type sqlError struct{ *pgconn.PgError }
+
+func (e sqlError) Error() string {
+	return strings.TrimPrefix(e.Message, "jobwatch: ") + " (SQLSTATE " + e.Code + ")"
+}
+
+func (e sqlError) Unwrap() error { return e.PgError }
+
+// installTriggers runs the install script and maps its errors to this
+// package's sentinels.
+func installTriggers(ctx context.Context, q db, n names, gate bool) error {
+	_, err := q.Exec(ctx, n.triggerSQL(gate))
+	if err == nil {
+		return nil
+	}
+	what := "install notification triggers on " + n.table.raw
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		sentinel := map[string]error{
+			"42P01": ErrTableNotFound,
+			"42703": ErrMissingColumns,
+			"42804": ErrColumnType,
+			"55P03": ErrTriggersBusy,
+			"42501": ErrPermissionDenied,
+		}[pgErr.Code]
+		if sentinel != nil {
+			return fmt.Errorf("%s: %w: %w", what, sentinel, sqlError{pgErr})
+		}
+	}
+	return fmt.Errorf("%s: %w", what, err)
+}
+
+// NotificationTriggersHealthy reports whether the notification triggers
+// are in place: both, insert and update, exist on the table under the
+// names this package and IHP derive from tableName (IHP's own per-row
+// triggers count), and on a partitioned table every partition's statements
+// notify too. It returns an error wrapping ErrTableNotFound when the table
+// does not exist. It only reads the catalog.
+func NotificationTriggersHealthy(ctx context.Context, pool *pgxpool.Pool, tableName string) (bool, error) {
+	n, err := deriveNames(tableName)
+	if err != nil {
+		return false, fmt.Errorf("jobwatch: check notification triggers: %w", err)
+	}
+	if pool == nil {
+		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", tableName, ErrNilPool)
+	}
+	s, err := readTriggerState(ctx, pool, n, false)
+	if err != nil {
+		return false, fmt.Errorf("jobwatch: %w", err)
+	}
+	if !s.exists {
+		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", tableName, ErrTableNotFound)
+	}
+	return s.healthy(), nil
+}
+
+// EnsureNotificationTriggers makes the notification triggers of a table
+// current: it reads the catalog and, only when a trigger is missing (a
+// partition's included) or a function of jobwatch's has another body, runs
+// CreateNotificationTriggerSQL's script and logs what it did. When
+// everything is current it changes nothing and needs no right beyond
+// reading the catalog. It returns an error wrapping ErrTableNotFound,
+// ErrMissingColumns, ErrColumnType, ErrTriggersBusy or ErrPermissionDenied
+// when those are the cause. Options: WithLogger, WithNotifyGate.
+func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableName string, opts ...Option) error {
+	n, err := deriveNames(tableName)
+	if err != nil {
+		return fmt.Errorf("jobwatch: ensure notification triggers: %w", err)
+	}
+	if pool == nil {
+		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, ErrNilPool)
+	}
+	o, err := buildOptions(scopeTriggers, opts)
+	if err != nil {
+		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, err)
+	}
+	if _, err := ensureTriggers(ctx, pool, n, o, true); err != nil {
+		return fmt.Errorf("jobwatch: %w", err)
+	}
+	return nil
+}
+
+// ensureTriggers is EnsureNotificationTriggers after validation; bodies says
+// whether stale function bodies count. It reports what it installed ("" if
+// nothing).
+func ensureTriggers(ctx context.Context, q db, n names, o options, bodies bool) (string, error) {
+	s, err := readTriggerState(ctx, q, n, o.gate)
+	if err != nil {
+		return "", err
+	}
+	if !s.exists {
+		return "", fmt.Errorf("install notification triggers on %s: %w", n.table.raw, ErrTableNotFound)
+	}
+	if !s.needsInstall(bodies) {
+		return "", nil
+	}
+	if err := installTriggers(ctx, q, n, o.gate); err != nil {
+		return "", err
+	}
+	o.logger.Info("jobwatch: installed notification triggers", "table", n.table.raw, "found", s.what())
+	return s.what(), nil
+}
+
+// installer keeps one table's notification triggers installed for a watch
+// or a poller with repair. Each check reads the catalog and changes nothing
+// when the triggers are current. When they cannot be installed (the table
+// does not exist yet, the role lacks the right, a lock is held) it retries
+// on a backoff of its own (1s to 30s by default), whatever the poll
+// interval, and logs each kind of failure once.
+type installer struct {
+	pool      *pgxpool.Pool
+	names     names
+	opts      options
+	stats     *counters
+	installed func() // after an install that made notifications work: poll now
+	problems  problemLog
+
+	kick chan bool // a check is wanted; true: function bodies count
+	done chan struct{}
+}
+
+// installRemind is how often a failure that lasts is logged again.
+const installRemind = 30 * time.Minute
+
+func newInstaller(pool *pgxpool.Pool, n names, o options, stats *counters, installed func()) *installer {
+	return &installer{
+		pool: pool, names: n, opts: o, stats: stats, installed: installed,
+		problems: problemLog{log: o.logger, remind: installRemind},
+		kick:     make(chan bool, 1),
+		done:     make(chan struct{}),
+	}
+}
+
+// request asks for a check soon; with bodies, stale function bodies are
+// replaced too (at start and after a reconnect, not on every poll, so that
+// two versions running side by side do not replace each other's body
+// over and over).
+func (i *installer) request(bodies bool) {
+	for {
+		select {
+		case i.kick <- bodies:
+			return
+		default:
+		}
+		select {
+		case old := <-i.kick: // merge with the pending request
+			bodies = bodies || old
+		default:
+		}
+	}
+}
+
+// run serves requests and retries until ctx ends.
+func (i *installer) run(ctx context.Context) {
+	defer close(i.done)
+	retry := backoff{min: i.opts.installMin, max: i.opts.installMax}
+	var timer <-chan time.Time
+	bodies := false
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case b := <-i.kick:
+			bodies = bodies || b
+		case <-timer:
+		}
+		if i.check(ctx, bodies) {
+			retry.reset()
+			timer = nil
+			bodies = false
+		} else if ctx.Err() == nil {
+			timer = time.After(retry.delay())
+		}
+	}
+}
+
+// check makes the triggers current once and reports whether they are;
+// bodies says whether stale function bodies count.
+func (i *installer) check(ctx context.Context, bodies bool) bool {
+	n := i.names
+	found, err := ensureTriggers(ctx, i.pool, n, i.opts, bodies)
+	if ctx.Err() != nil {
+		return true
+	}
+	if err == nil {
+		if found != "" {
+			i.stats.repairs.Add(1)
+			i.installed()
+		}
+		i.problems.clear("jobwatch: notification triggers in place", "table", n.table.raw)
+		return true
+	}
+	table := n.table.raw
+	switch {
+	case errors.Is(err, ErrTableNotFound):
+		i.stats.setError(err)
+		i.problems.report(slog.LevelWarn, "table", "jobwatch: job table does not exist yet; its notification triggers will be installed when it appears",
+			"table", table, "retry_up_to", i.opts.installMax)
+	case errors.Is(err, ErrPermissionDenied):
+		i.stats.setError(err)
+		i.problems.report(slog.LevelError, "permission",
+			"jobwatch: notification triggers need installing and this role may not: jobs are found by polling only. "+
+				"Fix: run jobwatch.CreateNotificationTriggerSQL(table) as the table's owner, in a migration for example",
+			"table", table, "error", err)
+	case errors.Is(err, ErrTriggersBusy):
+		i.problems.report(slog.LevelInfo, "busy", "jobwatch: notification triggers not installed now (a lock is held), retrying",
+			"table", table, "error", err)
+	default:
+		i.stats.setError(err)
+		i.problems.report(slog.LevelError, err.Error(), "jobwatch: cannot install notification triggers, retrying; jobs are found by polling meanwhile",
+			"table", table, "error", err)
+	}
+	return false
+}

@@ -1,0 +1,297 @@
+package jobwatch_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch"
+	"github.com/jobwatch-go/jobwatch/jobwatchtest"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// TestTableAppearsLater: the table does not exist when the watch starts
+// and the poll interval is an hour. The watch says so once, installs the
+// triggers on its own backoff (default settings) soon after the table
+// appears, polls then, and notifications work from there on.
+func TestTableAppearsLater(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	ch := make(chan jobwatch.Message, 10)
+	l := testListener(t, d.url, opt)
+	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
+	require.NoError(t, err)
+	defer w.Close()
+	eventually(t, "first poll", func() bool { return w.Stats().Polls >= 1 })
+	require.Error(t, w.Stats().LastError)
+	require.Contains(t, lg.String(), "job table does not exist yet")
+
+	// A job inserted before the triggers exist is found by the poll that
+	// follows their installation, not an hour later.
+	d.jobTable(t, "jobs")
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	waitWake(t, ch, "job inserted as the table appeared")
+	eventually(t, "triggers installed", func() bool {
+		ok, _ := jobwatch.NotificationTriggersHealthy(ctxT(t), d.pool, "jobs")
+		return ok
+	})
+	assert.EqualValues(t, 1, w.Stats().TriggerRepairs)
+	drain(ch)
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	waitWake(t, ch, "notification")
+	assert.EqualValues(t, 1, w.Stats().Notifications)
+	assert.Equal(t, 1, lg.count("job table does not exist yet"), "said once")
+	assert.Equal(t, 1, lg.count("poll failed"), "said once")
+	assert.Equal(t, 1, lg.count("polling works again"))
+	assert.NotContains(t, lg.String(), "level=ERROR msg=\"jobwatch: cannot install")
+}
+
+// role creates a login role for one test (roles are shared by the whole
+// server, so its name is unique) and drops it when the test ends.
+func role(t *testing.T, d db) string {
+	t.Helper()
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	name := "jobwatch_worker_" + hex.EncodeToString(b[:])
+	d.exec(t, "CREATE ROLE "+name+" LOGIN")
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, d.url)
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer conn.Close(ctx)
+		// The test's database goes after this; its grants go with the role.
+		_, err = conn.Exec(ctx, "DROP OWNED BY "+name+"; DROP ROLE "+name)
+		if err != nil {
+			t.Error(err)
+		}
+	})
+	return name
+}
+
+// TestLeastPrivilegeWorker: the triggers come from a migration run by the
+// table's owner and the worker's role has no DDL rights. With healthy
+// triggers the worker attempts no DDL and reports nothing, across a
+// reconnect too. When the triggers go missing it says once, clearly, what
+// to do; polling finds the jobs meanwhile; once the owner runs the script
+// again notifications come back.
+func TestLeastPrivilegeWorker(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	worker := role(t, d)
+	d.exec(t, "GRANT SELECT, INSERT, UPDATE ON jobs TO "+worker)
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs")) // the migration, as the owner
+
+	url := d.with(t, "user", worker)
+	pool, err := pgxpool.New(context.Background(), url)
+	require.NoError(t, err)
+	defer pool.Close()
+	var who string
+	require.NoError(t, pool.QueryRow(ctxT(t), "SELECT current_user").Scan(&who))
+	require.Equal(t, worker, who)
+	// Current triggers need no right; the role really has none.
+	require.NoError(t, jobwatch.EnsureNotificationTriggers(ctxT(t), pool, "jobs", opt))
+	_, err = pool.Exec(ctxT(t), "CREATE FUNCTION jobwatch_probe() RETURNS int LANGUAGE sql AS 'SELECT 1'")
+	require.Error(t, err, "the worker role can create functions: the test proves nothing")
+
+	listenerURL, err := jobwatchtest.WithParam(url, "application_name", "jobwatch_lp_listener")
+	require.NoError(t, err)
+	l := testListener(t, listenerURL, opt)
+	ch := make(chan jobwatch.Message, 10)
+	w, err := jobwatch.WatchForJob(ctxT(t), pool, l, "jobs", 100*time.Millisecond, ch, opt,
+		jobwatch.WithJitter(0), jobwatch.WithInstallBackoff(50*time.Millisecond, 200*time.Millisecond))
+	require.NoError(t, err)
+	defer w.Close()
+	settle(t, w, ch)
+	_, err = pool.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
+	require.NoError(t, err)
+	waitWake(t, ch, "worker role, healthy triggers")
+
+	reconnects := l.Stats().Reconnects
+	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_lp_listener'")
+	eventually(t, "reconnected", func() bool { return l.Stats().Reconnects > reconnects && l.Stats().Connected })
+	polls := w.Stats().Polls
+	eventually(t, "polls after the reconnect", func() bool { return w.Stats().Polls > polls+2 })
+	assert.NoError(t, w.Stats().LastError, "healthy triggers: no error")
+	assert.NotContains(t, lg.String(), "level=ERROR")
+	assert.NotContains(t, lg.String(), "installed notification triggers")
+
+	// The triggers go missing: one clear line, polling goes on.
+	d.exec(t, "DROP TRIGGER did_insert_job_jobs ON jobs")
+	eventually(t, "the worker notices", func() bool { return lg.count("this role may not") > 0 })
+	assert.ErrorIs(t, w.Stats().LastError, jobwatch.ErrPermissionDenied)
+	drain(ch)
+	_, err = pool.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
+	require.NoError(t, err)
+	waitWake(t, ch, "found by polling")
+	polls = w.Stats().Polls
+	eventually(t, "many polls and install attempts later", func() bool { return w.Stats().Polls > polls+5 })
+	assert.Equal(t, 1, lg.count("this role may not"), "said once")
+	assert.Contains(t, lg.String(), "CreateNotificationTriggerSQL")
+
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
+	eventually(t, "the worker sees the triggers back", func() bool { return lg.count("notification triggers in place") > 0 })
+	notified := w.Stats().Notifications
+	_, err = pool.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
+	require.NoError(t, err)
+	eventually(t, "notified again", func() bool { return w.Stats().Notifications > notified })
+}
+
+// ihpScript is IHP's createNotificationTriggerSQL (IHP/Job/Queue/Watch.hs),
+// as an IHP worker runs it at start.
+func ihpScript(table string) string {
+	fn := "notify_job_queued_" + table
+	ins := "did_insert_job_" + table
+	upd := "did_update_job_" + table
+	return `DO $$
+BEGIN
+    SET LOCAL lock_timeout = '5s';
+    IF NOT pg_try_advisory_xact_lock(hashtext(current_schema()), hashtext('` + fn + `'::name::text)) THEN
+        RAISE EXCEPTION 'Notification trigger installation already in progress' USING ERRCODE = '55P03';
+    END IF;
+    CREATE OR REPLACE FUNCTION ` + fn + `() RETURNS TRIGGER AS $BODY$BEGIN
+    PERFORM pg_notify('job_available_` + table + `', '');
+    RETURN new;
+END;
+$BODY$ language plpgsql;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '` + ins + `'::name AND tgrelid = '` + table + `'::regclass)
+       OR NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '` + upd + `'::name AND tgrelid = '` + table + `'::regclass) THEN
+        LOCK TABLE "` + table + `" IN SHARE ROW EXCLUSIVE MODE NOWAIT;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '` + ins + `'::name AND tgrelid = '` + table + `'::regclass) THEN
+        CREATE TRIGGER ` + ins + ` AFTER INSERT ON "` + table + `" FOR EACH ROW WHEN (NEW.status = 'job_status_not_started' OR NEW.status = 'job_status_retry') EXECUTE PROCEDURE ` + fn + `();
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = '` + upd + `'::name AND tgrelid = '` + table + `'::regclass) THEN
+        CREATE TRIGGER ` + upd + ` AFTER UPDATE ON "` + table + `" FOR EACH ROW WHEN (NEW.status = 'job_status_not_started' OR NEW.status = 'job_status_retry') EXECUTE PROCEDURE ` + fn + `();
+    END IF;
+END; $$`
+}
+
+// ihpHealthy is IHP's notificationTriggersHealthy query.
+func ihpHealthy(t *testing.T, d db, table string) bool {
+	t.Helper()
+	var n int
+	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT COUNT(*) FROM pg_trigger t
+		JOIN pg_class c ON t.tgrelid = c.oid JOIN pg_namespace n ON c.relnamespace = n.oid
+		WHERE n.nspname = current_schema() AND c.relname = $1::name AND NOT t.tgisinternal
+		AND (t.tgname = $2::name OR t.tgname = $3::name)`,
+		table, "did_insert_job_"+table, "did_update_job_"+table).Scan(&n))
+	return n == 2
+}
+
+func triggerCount(t *testing.T, d db, table string) int {
+	t.Helper()
+	var n int
+	require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal",
+		`"`+table+`"`).Scan(&n))
+	return n
+}
+
+// TestIHPNamesNearTheLimit: for every table name length IHP can use (up to
+// 49 bytes, where PostgreSQL cuts its trigger and function names), IHP and
+// jobwatch see each other's triggers as healthy whichever installs first,
+// the table keeps two triggers, and IHP's triggers wake a jobwatch watch.
+func TestIHPNamesNearTheLimit(t *testing.T) {
+	t.Parallel()
+	for _, length := range []int{44, 45, 46, 47, 48, 49} {
+		t.Run(fmt.Sprint(length), func(t *testing.T) {
+			t.Parallel()
+			d := newDB(t)
+			_, opt := newLogs(t)
+			ihpFirst := "i" + strings.Repeat("x", length-1)
+			goFirst := "g" + strings.Repeat("y", length-1)
+			for _, table := range []string{ihpFirst, goFirst} {
+				d.jobTable(t, table)
+			}
+			ctx := ctxT(t)
+			// IHP first, then jobwatch.
+			d.exec(t, ihpScript(ihpFirst))
+			require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, ihpFirst, opt))
+			healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, ihpFirst)
+			require.NoError(t, err)
+			assert.True(t, healthy, "jobwatch sees IHP's triggers")
+			assert.Equal(t, 2, triggerCount(t, d, ihpFirst))
+			// jobwatch first, then IHP.
+			require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, goFirst, opt))
+			assert.True(t, ihpHealthy(t, d, goFirst), "IHP sees jobwatch's triggers")
+			d.exec(t, ihpScript(goFirst))
+			assert.Equal(t, 2, triggerCount(t, d, goFirst))
+
+			// IHP's row triggers wake a jobwatch watch, and jobwatch's
+			// statement triggers a plain LISTEN on IHP's channel.
+			ch := make(chan jobwatch.Message, 10)
+			w, err := jobwatch.WatchForJob(ctx, d.pool, testListener(t, d.url, opt), ihpFirst, time.Hour, ch, opt)
+			require.NoError(t, err)
+			defer w.Close()
+			settle(t, w, ch)
+			d.exec(t, `INSERT INTO "`+ihpFirst+`" DEFAULT VALUES`)
+			waitWake(t, ch, "IHP's trigger")
+			assert.Equal(t, 2, triggerCount(t, d, ihpFirst), "the watch installed nothing more")
+
+			conn, err := pgx.Connect(ctx, d.url)
+			require.NoError(t, err)
+			defer conn.Close(ctx)
+			_, err = conn.Exec(ctx, "LISTEN "+pgx.Identifier{"job_available_" + goFirst}.Sanitize())
+			require.NoError(t, err)
+			d.exec(t, `INSERT INTO "`+goFirst+`" DEFAULT VALUES`)
+			n, err := conn.WaitForNotification(ctx)
+			require.NoError(t, err)
+			assert.Equal(t, "job_available_"+goFirst, n.Channel)
+		})
+	}
+}
+
+// TestSharedPrefixNeverCrossesChannels: two 47-byte tables share their
+// first 46 bytes, so PostgreSQL cuts IHP's function name of both to the
+// same 63 bytes; IHP itself would then send one table's jobs to the other
+// table's channel. jobwatch's triggers never share a function, and
+// jobwatch does not touch the cut IHP function, so each insert wakes its
+// own table's watch only, even after IHP's script rewrote that function.
+func TestSharedPrefixNeverCrossesChannels(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	prefix := strings.Repeat("p", 46)
+	a, b := prefix+"a", prefix+"b"
+	ctx := ctxT(t)
+	l := testListener(t, d.url, opt)
+	watch := func(table string) (*jobwatch.Watch, chan jobwatch.Message) {
+		d.jobTable(t, table)
+		ch := make(chan jobwatch.Message, 10)
+		w, err := jobwatch.WatchForJob(ctx, d.pool, l, table, time.Hour, ch, opt)
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = w.Close() })
+		settle(t, w, ch)
+		return w, ch
+	}
+	wa, cha := watch(a)
+	wb, chb := watch(b)
+	var fns int
+	require.NoError(t, d.pool.QueryRow(ctx, "SELECT count(*) FROM pg_proc WHERE proname LIKE 'notify_job_queued_%'").Scan(&fns))
+	assert.Equal(t, 0, fns, "jobwatch created no cut IHP function")
+
+	d.exec(t, ihpScript(b)) // IHP starts for b: the cut function now notifies b's channel
+	for round := range 2 {
+		d.exec(t, `INSERT INTO "`+a+`" DEFAULT VALUES`)
+		waitWake(t, cha, "a's insert")
+		d.exec(t, `INSERT INTO "`+b+`" DEFAULT VALUES`)
+		waitWake(t, chb, "b's insert")
+		eventually(t, "each watch got its own", func() bool {
+			return wa.Stats().Notifications == uint64(round+1) && wb.Stats().Notifications == uint64(round+1)
+		})
+		assert.Equal(t, 0, drain(cha)+drain(chb), "nobody woken twice")
+	}
+}
