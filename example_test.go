@@ -8,14 +8,14 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jobwatch-go/jobwatch"
-	"github.com/jobwatch-go/jobwatch/jobwatchtest"
+	"github.com/jobwatch-go/jobwatch/internal/pgtest"
 )
 
 // exampleDB gives an example a fresh database with a job table named jobs.
 // In your program, dsn is your own connection string.
 func exampleDB() (dsn string, pool *pgxpool.Pool, done func()) {
 	ctx := context.Background()
-	dsn, drop, err := jobwatchtest.CreateDatabase(ctx)
+	dsn, drop, err := pgtest.CreateDatabase(ctx)
 	if err != nil {
 		log.Fatal(err)
 	}

@@ -12,12 +12,12 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/jobwatch-go/jobwatch/jobwatchtest"
+	"github.com/jobwatch-go/jobwatch/internal/pgtest"
 	"go.uber.org/goleak"
 )
 
 func TestMain(m *testing.M) {
-	jobwatchtest.Main(&leakCheckM{m})
+	pgtest.Main(&leakCheckM{m})
 }
 
 // leakCheckM runs the tests and then fails the run if any goroutine the
@@ -29,8 +29,9 @@ func (l *leakCheckM) Run() int {
 	if code != 0 {
 		return code
 	}
-	// jobwatchtest's server, if it started one, is stopped after this check.
-	server := goleak.IgnoreAnyFunction("github.com/jobwatch-go/jobwatch/jobwatchtest.startEphemeral.func2")
+	// pgtest's ephemeral server, if it started one, is stopped after this
+	// check; its goroutine waits for the server process.
+	server := goleak.IgnoreAnyFunction("github.com/jobwatch-go/jobwatch/internal/pgtest.(*Cluster).Start.func1")
 	if err := goleak.Find(server); err != nil {
 		fmt.Println("goroutine leak:", err)
 		return 1
@@ -46,7 +47,15 @@ type db struct {
 
 func newDB(t *testing.T) db {
 	t.Helper()
-	u := jobwatchtest.NewDatabaseURL(t)
+	u, drop, err := pgtest.CreateDatabase(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := drop(); err != nil {
+			t.Error(err)
+		}
+	})
 	pool, err := pgxpool.New(context.Background(), u)
 	if err != nil {
 		t.Fatal(err)
@@ -59,7 +68,7 @@ func newDB(t *testing.T) db {
 // whatever form TEST_DATABASE_URL has (URL, key=value DSN or nothing).
 func (d db) with(t *testing.T, key, value string) string {
 	t.Helper()
-	u, err := jobwatchtest.WithParam(d.url, key, value)
+	u, err := pgtest.WithParam(d.url, key, value)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,7 +96,7 @@ func (d db) exec(t *testing.T, sql string, args ...any) {
 
 func (d db) jobTable(t *testing.T, table string) {
 	t.Helper()
-	jobwatchtest.CreateJobTable(t, d.pool, table)
+	d.exec(t, jobwatch.CreateJobTableSQL(table))
 }
 
 // logs records what the library logs, for assertions, and prints it when

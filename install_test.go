@@ -12,7 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jobwatch-go/jobwatch"
-	"github.com/jobwatch-go/jobwatch/jobwatchtest"
+	"github.com/jobwatch-go/jobwatch/internal/pgtest"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 )
@@ -107,7 +107,7 @@ func TestLeastPrivilegeWorker(t *testing.T) {
 	_, err = pool.Exec(ctxT(t), "CREATE FUNCTION jobwatch_probe() RETURNS int LANGUAGE sql AS 'SELECT 1'")
 	require.Error(t, err, "the worker role can create functions: the test proves nothing")
 
-	listenerURL, err := jobwatchtest.WithParam(url, "application_name", "jobwatch_lp_listener")
+	listenerURL, err := pgtest.WithParam(url, "application_name", "jobwatch_lp_listener")
 	require.NoError(t, err)
 	l := testListener(t, listenerURL, opt)
 	ch := make(chan jobwatch.Message, 10)

@@ -55,6 +55,10 @@ type Listener struct {
 	closed    bool
 	firstTry  chan struct{} // closed after the first connection attempt
 
+	probes map[string]chan struct{}         // delivery check tokens awaited
+	checks map[*pgxpool.Pool]*deliveryCheck // one per pool the watches use
+	server serverIdentity                   // what the connection said at connect
+
 	stats    listenerCounters
 	problems problemLog
 }
@@ -112,6 +116,8 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 		done:          make(chan struct{}),
 		subs:          make(map[string][]*Subscription),
 		firstTry:      make(chan struct{}),
+		probes:        make(map[string]chan struct{}),
+		checks:        make(map[*pgxpool.Pool]*deliveryCheck),
 		problems:      problemLog{log: o.logger, remind: connRemind},
 	}, nil
 }
@@ -272,6 +278,10 @@ func (l *Listener) Close() error {
 		subs = append(subs, list...)
 	}
 	l.subs = map[string][]*Subscription{}
+	var checks []*deliveryCheck
+	for _, c := range l.checks {
+		checks = append(checks, c)
+	}
 	l.mu.Unlock()
 
 	l.cancel()
@@ -279,6 +289,9 @@ func (l *Listener) Close() error {
 		<-l.done
 	} else {
 		close(l.done)
+	}
+	for _, c := range checks {
+		<-c.done
 	}
 	for _, s := range subs {
 		s.stop()

@@ -103,8 +103,11 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, error) {
 		_ = conn.Close(context.Background())
 		return nil, nil, fmt.Errorf("jobwatch: listener: listen: %w", explainListenError(err))
 	}
+	var id serverIdentity
+	_ = conn.QueryRow(ctx, serverIdentitySQL).Scan(&id.database, &id.started, &id.recovery)
 	l.mu.Lock()
 	l.connected = true
+	l.server = id
 	l.mu.Unlock()
 	l.stats.connects.Add(1)
 	l.stats.connected.Store(true)
@@ -216,7 +219,11 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 			return fmt.Errorf("jobwatch: listener: connection lost: %w", err)
 		}
 		if n.Channel == l.healthChannel {
-			health.outstanding = false
+			if token, ok := strings.CutPrefix(n.Payload, probePrefix); ok {
+				l.probeArrived(token)
+			} else {
+				health.outstanding = false
+			}
 			continue
 		}
 		l.dispatch(Notification{Channel: n.Channel, Payload: n.Payload})

@@ -329,13 +329,15 @@ func (p *Poller) jitter() time.Duration {
 // JobAvailable per job for which wake has room, and schedules the next
 // poll for the earliest future job.
 func (p *Poller) poll(ctx context.Context) {
-	p.stats.polls.Add(1)
 	var count int64
 	var next *float64
 	var server float64
 	start := time.Now()
 	err := p.pool.QueryRow(ctx, p.query).Scan(&count, &next, &server)
 	end := time.Now()
+	// Counted once done, so that a caller who saw Polls go up knows that
+	// poll has sent its wake-ups.
+	p.stats.polls.Add(1)
 	p.stats.pollNanos.Add(int64(end.Sub(start)))
 	if err != nil {
 		if ctx.Err() != nil {

@@ -17,6 +17,13 @@ type Stats struct {
 	TriggerRepairs uint64        // times missing triggers were re-created
 	LastError      error         // the last poll, install or repair error; nil if none
 	LastErrorAt    time.Time     // when LastError happened
+	// NotificationsWorking is what the Listener's delivery check found
+	// last (see WithDeliveryCheck): true while a NOTIFY sent through the
+	// pool reaches the Listener, false while it does not and the watch
+	// polls at its fallback interval. It starts true, and stays true with
+	// the check off. A Poller alone receives no notifications: false.
+	NotificationsWorking   bool
+	NotificationsChangedAt time.Time // when NotificationsWorking last changed (or the watch started)
 }
 
 // ListenerStats is a snapshot of a Listener's counters, for metrics.

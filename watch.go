@@ -44,6 +44,8 @@ type Watch struct {
 	removeReconnect func()
 	stopAfter       func() bool
 	stats           *counters
+	check           *deliveryCheck // nil with the check off
+	startedAt       time.Time
 	started         atomic.Bool // the poller runs: reconnects call for catch-up
 	done            chan struct{}
 
@@ -98,7 +100,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
 	stats := newCounters(n, wake, o)
-	w := &Watch{listener: listener, stats: stats, done: make(chan struct{})}
+	w := &Watch{listener: listener, stats: stats, startedAt: time.Now(), done: make(chan struct{})}
 	w.poller = newPoller(pool, n, pollInterval, o, stats, true, repair)
 	inst := w.poller.installer
 	// A first attempt now, so that the triggers are in place when this
@@ -130,6 +132,10 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	}
 	w.poller.start(context.WithoutCancel(ctx))
 	w.started.Store(true)
+	w.check = listener.joinDeliveryCheck(pool, w)
+	if working, _ := w.check.state(); w.check != nil && !working {
+		w.deliveryChanged(false)
+	}
 	w.stopAfter = context.AfterFunc(ctx, func() { _ = w.Close() })
 	return w, nil
 }
@@ -161,6 +167,17 @@ func (w *Watch) notified(msg Notification) {
 	}
 }
 
+// deliveryChanged is called by the delivery check when notifications stop
+// or start arriving: while they do not, the poller polls at the fallback
+// interval.
+func (w *Watch) deliveryChanged(working bool) {
+	if working {
+		w.poller.setFallback(0)
+	} else {
+		w.poller.setFallback(w.poller.opts.fallbackPoll)
+	}
+}
+
 // Close unsubscribes, stops the poller and waits for it to exit. Once it
 // returns nothing more is sent on the wake channel, so the caller may close
 // it. Cancelling the watch's context does the same. Close is idempotent.
@@ -176,6 +193,7 @@ func (w *Watch) Close() error {
 		w.closed = true
 		w.closing.Unlock()
 		w.removeReconnect()
+		w.check.leave(w)
 		w.listener.Unsubscribe(w.sub)
 		_ = w.poller.Close()
 		close(w.done)
@@ -190,4 +208,11 @@ func (w *Watch) Close() error {
 func (w *Watch) Done() <-chan struct{} { return w.done }
 
 // Stats returns the watch's counters (its poller's included).
-func (w *Watch) Stats() Stats { return w.stats.snapshot() }
+func (w *Watch) Stats() Stats {
+	s := w.stats.snapshot()
+	s.NotificationsWorking, s.NotificationsChangedAt = true, w.startedAt
+	if w.check != nil {
+		s.NotificationsWorking, s.NotificationsChangedAt = w.check.state()
+	}
+	return s
+}

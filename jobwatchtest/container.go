@@ -7,6 +7,8 @@ import (
 
 	"github.com/testcontainers/testcontainers-go"
 	tcpostgres "github.com/testcontainers/testcontainers-go/modules/postgres"
+
+	"github.com/jobwatch-go/jobwatch/internal/pgtest"
 )
 
 // containerImage is the image started when a Docker engine answers.
@@ -40,6 +42,6 @@ func startContainer() (u string, err error) {
 		_ = testcontainers.TerminateContainer(c)
 		return "", err
 	}
-	registerStop(func() { _ = testcontainers.TerminateContainer(c) })
+	pgtest.RegisterStop(func() { _ = testcontainers.TerminateContainer(c) })
 	return u, nil
 }

@@ -1,6 +1,6 @@
 //go:build !unix
 
-package jobwatchtest
+package pgtest
 
 import (
 	"os"
@@ -18,3 +18,5 @@ func procAttr(runAs, bool) *syscall.SysProcAttr { return nil }
 func interrupt(p *os.Process) { _ = p.Kill() }
 
 func killGroup(p *os.Process) { _ = p.Kill() }
+
+func terminate(p *os.Process) { _ = p.Kill() }

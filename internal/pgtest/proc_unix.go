@@ -1,6 +1,6 @@
 //go:build unix
 
-package jobwatchtest
+package pgtest
 
 import (
 	"errors"
@@ -46,3 +46,5 @@ func procAttr(as runAs, group bool) *syscall.SysProcAttr {
 func interrupt(p *os.Process) { _ = p.Signal(os.Interrupt) }
 
 func killGroup(p *os.Process) { _ = syscall.Kill(-p.Pid, syscall.SIGKILL) }
+
+func terminate(p *os.Process) { _ = p.Signal(syscall.SIGTERM) }

@@ -1,0 +1,5 @@
+//go:build !race
+
+package jobwatch_test
+
+const raceEnabled = false
