@@ -48,6 +48,7 @@ type deliveryCheck struct {
 	problems problemLog
 	cancel   context.CancelFunc
 	done     chan struct{}
+	nudge    chan struct{} // buffered(1): the Listener lost its connection
 
 	mu        sync.Mutex
 	watches   map[*Watch]bool
@@ -70,7 +71,7 @@ func (l *Listener) joinDeliveryCheck(pool *pgxpool.Pool, w *Watch) *deliveryChec
 	if c == nil {
 		ctx, cancel := context.WithCancel(l.ctx)
 		c = &deliveryCheck{
-			l: l, pool: pool, cancel: cancel, done: make(chan struct{}),
+			l: l, pool: pool, cancel: cancel, done: make(chan struct{}), nudge: make(chan struct{}, 1),
 			problems: problemLog{log: l.log, remind: deliveryRemind},
 			watches:  map[*Watch]bool{}, working: true, changedAt: time.Now(),
 		}
@@ -104,6 +105,15 @@ func (c *deliveryCheck) leave(w *Watch) {
 	}
 }
 
+// connectionLost is called by the Listener when its connection goes: the
+// check then looks every second whether the pool reaches a server again.
+func (c *deliveryCheck) connectionLost() {
+	select {
+	case c.nudge <- struct{}{}:
+	default:
+	}
+}
+
 // state returns whether notifications arrive and since when that holds.
 func (c *deliveryCheck) state() (bool, time.Time) {
 	if c == nil {
@@ -119,6 +129,7 @@ func (c *deliveryCheck) run(ctx context.Context) {
 	interval := c.l.opts.deliveryInterval
 	next := time.Duration(0) // the first probe as soon as the Listener is connected
 	lost := 0
+	var down time.Time // since when the Listener is not connected
 	for {
 		t := time.NewTimer(next)
 		select {
@@ -126,6 +137,8 @@ func (c *deliveryCheck) run(ctx context.Context) {
 			t.Stop()
 			return
 		case <-t.C:
+		case <-c.nudge:
+			t.Stop()
 		}
 		next = interval
 		outcome, cause := c.probe(ctx)
@@ -141,9 +154,19 @@ func (c *deliveryCheck) run(ctx context.Context) {
 				c.set(false, cause)
 			}
 		case probeInconclusive:
-			if !c.l.stats.connected.Load() {
-				next = deliveryRetry
+			if c.l.stats.connected.Load() {
+				down = time.Time{}
+				break
 			}
+			// A Listener that cannot connect hears nothing either: after
+			// as long as a probe takes to fail twice, poll around it.
+			if down.IsZero() {
+				down = time.Now()
+			}
+			if time.Since(down) >= interval+c.l.opts.deliveryTimeout {
+				c.set(false, "the Listener is not connected: "+c.l.lastError())
+			}
+			next = deliveryRetry
 		}
 	}
 }
@@ -161,6 +184,14 @@ const (
 func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	l := c.l
 	if !l.stats.connected.Load() {
+		// While the Listener retries on its backoff, a pool that reaches a
+		// server again (after a failover, a restart) means it should try
+		// now rather than at the end of a delay that grew with the outage.
+		pingCtx, cancel := context.WithTimeout(ctx, l.opts.deliveryTimeout)
+		defer cancel()
+		if _, err := c.pool.Exec(pingCtx, "SELECT 1"); err == nil {
+			l.retryNow()
+		}
 		return probeInconclusive, ""
 	}
 	connects := l.stats.connects.Load()
@@ -174,6 +205,7 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	sendCtx, cancel := context.WithTimeout(ctx, timeout)
 	_, err := c.pool.Exec(sendCtx, "SELECT pg_notify($1, $2)", l.healthChannel, probePrefix+token)
 	cancel()
+	l.stats.probes.Add(1)
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "25006" { // read_only_sql_transaction
@@ -193,6 +225,7 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	if l.stats.connects.Load() != connects || !l.stats.connected.Load() {
 		return probeInconclusive, "" // lost with a connection
 	}
+	l.stats.probesLost.Add(1)
 	return probeLost, c.diagnose(ctx)
 }
 
@@ -288,6 +321,14 @@ func (l *Listener) probeArrived(token string) {
 	if ch != nil {
 		close(ch)
 	}
+}
+
+// lastError is the Listener's last connection error, as text.
+func (l *Listener) lastError() string {
+	if e := l.stats.lastErr.Load(); e != nil {
+		return e.err.Error()
+	}
+	return "not connected yet"
 }
 
 // identity returns what the Listener's connection said of its server at

@@ -43,6 +43,7 @@ type Listener struct {
 	ctx    context.Context // cancelled by Close
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the connection loop has exited
+	retry  chan struct{} // buffered(1): end the backoff now
 
 	mu        sync.Mutex
 	subs      map[string][]*Subscription
@@ -114,6 +115,7 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 		ctx:           ctx,
 		cancel:        cancel,
 		done:          make(chan struct{}),
+		retry:         make(chan struct{}, 1),
 		subs:          make(map[string][]*Subscription),
 		firstTry:      make(chan struct{}),
 		probes:        make(map[string]chan struct{}),

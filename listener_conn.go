@@ -18,7 +18,7 @@ import (
 //	connect ──► LISTEN every channel ──► OnReconnect callbacks ──► serve
 //	   ▲                                                              │
 //	   └──── back off: none after a connection that lived, else ◄─────┘
-//	         0.5s doubling to 60s
+//	         0.5s doubling to 60s, cut short by retryNow
 //
 // serve waits for notifications and, between them, applies subscription
 // changes (LISTEN/UNLISTEN) and runs the health check. Subscribe and
@@ -57,10 +57,20 @@ func (l *Listener) run() {
 		t := time.NewTimer(retry.delay())
 		select {
 		case <-t.C:
+		case <-l.retry:
+			t.Stop()
 		case <-l.ctx.Done():
 			t.Stop()
 			return
 		}
+	}
+}
+
+// retryNow ends the current backoff delay: the server is reachable again.
+func (l *Listener) retryNow() {
+	select {
+	case l.retry <- struct{}{}:
+	default:
 	}
 }
 
@@ -109,6 +119,10 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, error) {
 	l.connected = true
 	l.server = id
 	l.mu.Unlock()
+	select {
+	case <-l.retry: // a hint from before this connect
+	default:
+	}
 	l.stats.connects.Add(1)
 	l.stats.connected.Store(true)
 	l.problems.clear("jobwatch: listener connected", "host", l.config.Host)
@@ -132,6 +146,9 @@ func (l *Listener) hangUp(conn *pgx.Conn) {
 	l.mu.Lock()
 	l.connected = false
 	l.interrupt = nil
+	for _, c := range l.checks {
+		c.connectionLost()
+	}
 	l.mu.Unlock()
 	l.release(nil, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)

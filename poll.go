@@ -158,7 +158,21 @@ func (p *Poller) Close() error {
 func (p *Poller) Done() <-chan struct{} { return p.done }
 
 // Stats returns the poller's counters.
-func (p *Poller) Stats() Stats { return p.stats.snapshot() }
+func (p *Poller) Stats() Stats {
+	s := p.stats.snapshot()
+	s.PollInterval = p.currentInterval()
+	return s
+}
+
+// currentInterval is the interval polls run at now.
+func (p *Poller) currentInterval() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.fallback > 0 && p.fallback < p.interval {
+		return p.fallback
+	}
+	return p.interval
+}
 
 // pollSoon asks for a poll now.
 func (p *Poller) pollSoon() {

@@ -15,6 +15,7 @@ type Stats struct {
 	PollErrors     uint64        // polls that failed
 	PollTime       time.Duration // time spent in poll queries, all polls together
 	TriggerRepairs uint64        // times missing triggers were re-created
+	PollInterval   time.Duration // the interval polls run at now: the poll interval, or the fallback while notifications do not arrive
 	LastError      error         // the last poll, install or repair error; nil if none
 	LastErrorAt    time.Time     // when LastError happened
 	// NotificationsWorking is what the Listener's delivery check found
@@ -35,12 +36,19 @@ type ListenerStats struct {
 	Subscriptions int       // subscriptions active now
 	LastError     error     // the last connection error, nil if none
 	LastErrorAt   time.Time // when LastError happened
+	// DeliveryProbes counts the delivery check's probes sent through the
+	// watches' pools (see WithDeliveryCheck), DeliveryProbesLost those
+	// that did not arrive while the connection was up.
+	DeliveryProbes     uint64
+	DeliveryProbesLost uint64
 }
 
 type listenerCounters struct {
 	connected     atomic.Bool
 	connects      atomic.Uint64
 	notifications atomic.Uint64
+	probes        atomic.Uint64
+	probesLost    atomic.Uint64
 	lastErr       atomic.Pointer[timedError]
 }
 
@@ -52,9 +60,11 @@ func (c *listenerCounters) setError(err error) {
 
 func (c *listenerCounters) snapshot() ListenerStats {
 	s := ListenerStats{
-		Connected:     c.connected.Load(),
-		Connects:      c.connects.Load(),
-		Notifications: c.notifications.Load(),
+		Connected:          c.connected.Load(),
+		Connects:           c.connects.Load(),
+		Notifications:      c.notifications.Load(),
+		DeliveryProbes:     c.probes.Load(),
+		DeliveryProbesLost: c.probesLost.Load(),
 	}
 	if s.Connects > 0 {
 		s.Reconnects = s.Connects - 1

@@ -209,7 +209,7 @@ func (w *Watch) Done() <-chan struct{} { return w.done }
 
 // Stats returns the watch's counters (its poller's included).
 func (w *Watch) Stats() Stats {
-	s := w.stats.snapshot()
+	s := w.poller.Stats()
 	s.NotificationsWorking, s.NotificationsChangedAt = true, w.startedAt
 	if w.check != nil {
 		s.NotificationsWorking, s.NotificationsChangedAt = w.check.state()

@@ -215,9 +215,10 @@ func (c *Cluster) Log() string {
 	return strings.TrimSpace(string(b))
 }
 
-// Standby makes a streaming standby of c with pg_basebackup and starts it.
-func (c *Cluster) Standby() (*Cluster, error) {
-	s, err := newClusterDir(c.settings)
+// Standby makes a streaming standby of c with pg_basebackup and starts it
+// with the given settings.
+func (c *Cluster) Standby(settings ...string) (*Cluster, error) {
+	s, err := newClusterDir(settings)
 	if err != nil {
 		return nil, err
 	}
