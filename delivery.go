@@ -284,7 +284,7 @@ func fallbackOf(watches []*Watch) time.Duration {
 	if len(watches) == 0 {
 		return defaultFallbackPoll
 	}
-	return watches[0].poller.opts.fallbackPoll
+	return watches[0].fallback
 }
 
 // serverIdentity is what a connection says of where it is.

@@ -53,11 +53,7 @@ func TestPoolThroughTransactionModePgBouncer(t *testing.T) {
 	require.NoError(t, err)
 	pool := newPool(t, poolURL)
 	l := testListener(t, d.url, opt, fastCheck)
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), pool, l, "jobs", time.Hour, ch, opt)
-	require.NoError(t, err)
-	defer w.Close()
-	settle(t, w, ch)
+	w, ch, _ := d.watch(t, opt, watchSetup{listener: l, pool: pool, noTable: true})
 	healthy, err := jobwatch.NotificationTriggersHealthy(ctxT(t), pool, "jobs")
 	require.NoError(t, err)
 	require.True(t, healthy, "installed through the pooler")
@@ -170,17 +166,11 @@ func TestListenerOnAnotherDatabase(t *testing.T) {
 	assert.EqualValues(t, 0, w.Stats().Notifications)
 }
 
-// startWatchWith creates the job table in d and watches it with a
-// Listener on listenerURL (with listenerOpts) and pool.
+// startWatchWith watches "jobs" in d with a Listener on listenerURL (with
+// listenerOpts) and pool.
 func startWatchWith(t *testing.T, d db, listenerURL string, pool *pgxpool.Pool, logger jobwatch.Option,
 	listenerOpts ...jobwatch.Option) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
 	t.Helper()
-	d.jobTable(t, "jobs")
 	l := testListener(t, listenerURL, append(listenerOpts, logger)...)
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), pool, l, "jobs", time.Hour, ch, logger)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = w.Close() })
-	settle(t, w, ch)
-	return w, ch, l
+	return d.watch(t, logger, watchSetup{listener: l, pool: pool})
 }

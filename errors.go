@@ -3,8 +3,13 @@ package jobwatch
 import "errors"
 
 // Errors of this package, returned wrapped: test for them with errors.Is.
-// Every error message starts with "jobwatch: " once, then names the step
-// that failed and the table or channel it concerns.
+//
+// One rule for messages: an error an exported function returns starts with
+// "jobwatch: " once, then names the step that failed and the table or
+// channel it concerns ("jobwatch: watch jobs: nil pool"). The errors in
+// Stats and ListenerStats, and those logged as the "error" attribute of a
+// line whose message starts with "jobwatch: ", name the step only ("poll
+// jobs: ...", "listener: connect: ...").
 var (
 	// ErrInvalidTableName is returned by every function taking a table
 	// name, for one that is empty or that PostgreSQL could not read as

@@ -85,14 +85,7 @@ func TestFailover(t *testing.T) {
 			url := fmt.Sprintf("postgres://postgres@127.0.0.1:%d,127.0.0.1:%d/postgres?sslmode=disable&connect_timeout=2&target_session_attrs=read-write",
 				primary.Port, standby.Port)
 			pool := newPool(t, url)
-			_, err := pool.Exec(ctxT(t), jobwatch.CreateJobTableSQL("jobs"))
-			require.NoError(t, err)
-			l := testListener(t, url, opt)
-			ch := make(chan jobwatch.Message, 100)
-			w, err := jobwatch.WatchForJob(ctxT(t), pool, l, "jobs", time.Hour, ch, opt)
-			require.NoError(t, err)
-			defer w.Close()
-			settle(t, w, ch)
+			_, ch, l := db{url: url, pool: pool}.watch(t, opt, watchSetup{capacity: 100})
 
 			var (
 				mu        sync.Mutex

@@ -41,21 +41,14 @@ func proxyTo(t *testing.T, d db, refuse bool) *proxy {
 	return p
 }
 
-// watchThrough creates the job table and watches it (poll interval an hour)
-// with a Listener connected through p.
+// watchThrough watches "jobs" with a Listener connected through p.
 func watchThrough(t *testing.T, d db, p *proxy) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
 	t.Helper()
 	_, opt := newLogs(t)
-	d.jobTable(t, "jobs")
 	l, err := jobwatch.NewListenerConfig(p.config, opt)
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = l.Close() })
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, ch, opt)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = w.Close() })
-	settle(t, w, ch)
-	return w, ch, l
+	return d.watch(t, opt, watchSetup{listener: l})
 }
 
 // TestStalledConsumer: a caller that stops reading its channel delays no

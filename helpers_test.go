@@ -195,3 +195,55 @@ func ctxT(t *testing.T) context.Context {
 	t.Cleanup(cancel)
 	return ctx
 }
+
+// watchSetup says how a test watches a table. Its zero value watches
+// "jobs", created first, with a poll interval of an hour and a wake channel
+// of 10, through a Listener on the test's database and its pool.
+type watchSetup struct {
+	table    string
+	interval time.Duration
+	capacity int
+	listener *jobwatch.Listener
+	pool     *pgxpool.Pool
+	noTable  bool              // do not create the table
+	opts     []jobwatch.Option // for the watch, besides the logger
+}
+
+// watch starts the watch s describes, logging with logger (from newLogs),
+// waits for its first poll, empties its channel and closes it when the
+// test ends.
+func (d db) watch(t *testing.T, logger jobwatch.Option, s watchSetup) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
+	t.Helper()
+	if s.table == "" {
+		s.table = "jobs"
+	}
+	if s.interval == 0 {
+		s.interval = time.Hour
+	}
+	if s.capacity == 0 {
+		s.capacity = 10
+	}
+	if s.listener == nil {
+		s.listener = testListener(t, d.url, logger)
+	}
+	if s.pool == nil {
+		s.pool = d.pool
+	}
+	if !s.noTable {
+		d.jobTable(t, s.table)
+	}
+	ch := make(chan jobwatch.Message, s.capacity)
+	w, err := jobwatch.WatchForJob(ctxT(t), s.pool, s.listener, s.table, s.interval, ch, append(s.opts, logger)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = w.Close() })
+	settle(t, w, ch)
+	return w, ch, s.listener
+}
+
+// startWatch is watch for the common case.
+func startWatch(t *testing.T, d db, table string, interval time.Duration, capacity int, logger jobwatch.Option, opts ...jobwatch.Option) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
+	t.Helper()
+	return d.watch(t, logger, watchSetup{table: table, interval: interval, capacity: capacity, opts: opts})
+}

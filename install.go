@@ -193,7 +193,7 @@ type installer struct {
 	names     names
 	opts      options
 	stats     *counters
-	installed func() // after an install that made notifications work: poll now
+	installed func() // after an install that made notifications work: the poller polls now
 	problems  problemLog
 
 	kick chan bool // a check is wanted; true: function bodies count
@@ -203,9 +203,9 @@ type installer struct {
 // installRemind is how often a failure that lasts is logged again.
 const installRemind = 30 * time.Minute
 
-func newInstaller(pool *pgxpool.Pool, n names, o options, stats *counters, installed func()) *installer {
+func newInstaller(pool *pgxpool.Pool, n names, o options, stats *counters) *installer {
 	return &installer{
-		pool: pool, names: n, opts: o, stats: stats, installed: installed,
+		pool: pool, names: n, opts: o, stats: stats, installed: func() {},
 		problems: problemLog{log: o.logger, remind: installRemind},
 		kick:     make(chan bool, 1),
 		done:     make(chan struct{}),

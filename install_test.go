@@ -110,12 +110,7 @@ func TestLeastPrivilegeWorker(t *testing.T) {
 	listenerURL, err := pgtest.WithParam(url, "application_name", "jobwatch_lp_listener")
 	require.NoError(t, err)
 	l := testListener(t, listenerURL, opt)
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), pool, l, "jobs", 100*time.Millisecond, ch, opt,
-		jobwatch.WithJitter(0), jobwatch.WithInstallBackoff(50*time.Millisecond, 200*time.Millisecond))
-	require.NoError(t, err)
-	defer w.Close()
-	settle(t, w, ch)
+	w, ch, _ := d.watch(t, opt, watchSetup{interval: 100 * time.Millisecond, listener: l, pool: pool, noTable: true, opts: []jobwatch.Option{jobwatch.WithJitter(0), jobwatch.WithInstallBackoff(50*time.Millisecond, 200*time.Millisecond)}})
 	_, err = pool.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
 	require.NoError(t, err)
 	waitWake(t, ch, "worker role, healthy triggers")
@@ -232,11 +227,7 @@ func TestIHPNamesNearTheLimit(t *testing.T) {
 
 			// IHP's row triggers wake a jobwatch watch, and jobwatch's
 			// statement triggers a plain LISTEN on IHP's channel.
-			ch := make(chan jobwatch.Message, 10)
-			w, err := jobwatch.WatchForJob(ctx, d.pool, testListener(t, d.url, opt), ihpFirst, time.Hour, ch, opt)
-			require.NoError(t, err)
-			defer w.Close()
-			settle(t, w, ch)
+			_, ch, _ := d.watch(t, opt, watchSetup{table: ihpFirst, noTable: true})
 			d.exec(t, `INSERT INTO "`+ihpFirst+`" DEFAULT VALUES`)
 			waitWake(t, ch, "IHP's trigger")
 			assert.Equal(t, 2, triggerCount(t, d, ihpFirst), "the watch installed nothing more")
@@ -270,11 +261,7 @@ func TestSharedPrefixNeverCrossesChannels(t *testing.T) {
 	l := testListener(t, d.url, opt)
 	watch := func(table string) (*jobwatch.Watch, chan jobwatch.Message) {
 		d.jobTable(t, table)
-		ch := make(chan jobwatch.Message, 10)
-		w, err := jobwatch.WatchForJob(ctx, d.pool, l, table, time.Hour, ch, opt)
-		require.NoError(t, err)
-		t.Cleanup(func() { _ = w.Close() })
-		settle(t, w, ch)
+		w, ch, _ := d.watch(t, opt, watchSetup{table: table, listener: l, noTable: true})
 		return w, ch
 	}
 	wa, cha := watch(a)

@@ -135,21 +135,30 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 // wait in its queue, which has no bound: nothing is dropped, and a
 // callback that never returns holds them all.
 func (l *Listener) Subscribe(channel string, callback func(Notification)) (*Subscription, error) {
+	sub, err := l.subscribe(channel, callback)
+	if err != nil {
+		return nil, fmt.Errorf("jobwatch: %w", err)
+	}
+	return sub, nil
+}
+
+// subscribe is Subscribe with errors not yet prefixed.
+func (l *Listener) subscribe(channel string, callback func(Notification)) (*Subscription, error) {
 	switch {
 	case l == nil:
-		return nil, fmt.Errorf("jobwatch: subscribe %q: %w", channel, ErrNilListener)
+		return nil, fmt.Errorf("subscribe %q: %w", channel, ErrNilListener)
 	case channel == "":
-		return nil, errors.New("jobwatch: subscribe: empty channel name")
+		return nil, errors.New("subscribe: empty channel name")
 	case len(channel) > maxIdentifierLen:
-		return nil, fmt.Errorf("jobwatch: subscribe %q: channel name longer than %d bytes", channel, maxIdentifierLen)
+		return nil, fmt.Errorf("subscribe %q: channel name longer than %d bytes", channel, maxIdentifierLen)
 	case callback == nil:
-		return nil, fmt.Errorf("jobwatch: subscribe %q: nil callback", channel)
+		return nil, fmt.Errorf("subscribe %q: nil callback", channel)
 	}
 
 	l.mu.Lock()
 	if l.closed {
 		l.mu.Unlock()
-		return nil, fmt.Errorf("jobwatch: subscribe %q: %w", channel, ErrListenerClosed)
+		return nil, fmt.Errorf("subscribe %q: %w", channel, ErrListenerClosed)
 	}
 	sub := newSubscription(channel, callback, l.log)
 	_, listened := l.subs[channel]
@@ -186,7 +195,7 @@ func (l *Listener) Subscribe(channel string, callback func(Notification)) (*Subs
 	}
 	if err != nil {
 		l.Unsubscribe(sub)
-		return nil, fmt.Errorf("jobwatch: subscribe %q: %w", channel, err)
+		return nil, fmt.Errorf("subscribe %q: %w", channel, err)
 	}
 	return sub, nil
 }

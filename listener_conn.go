@@ -100,7 +100,7 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, error) {
 	defer cancel()
 	conn, err := pgx.ConnectConfig(ctx, l.config)
 	if err != nil {
-		return nil, nil, fmt.Errorf("jobwatch: listener: connect: %w", err)
+		return nil, nil, fmt.Errorf("listener: connect: %w", err)
 	}
 	l.mu.Lock()
 	listening := map[string]bool{l.healthChannel: true}
@@ -111,7 +111,7 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, error) {
 	l.mu.Unlock()
 	if err := execListen(ctx, conn, "LISTEN", keys(listening)); err != nil {
 		_ = conn.Close(context.Background())
-		return nil, nil, fmt.Errorf("jobwatch: listener: listen: %w", explainListenError(err))
+		return nil, nil, fmt.Errorf("listener: listen: %w", explainListenError(err))
 	}
 	var id serverIdentity
 	_ = conn.QueryRow(ctx, serverIdentitySQL).Scan(&id.database, &id.started, &id.recovery)
@@ -233,7 +233,7 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 			if wait.Err() != nil && !conn.IsClosed() {
 				continue // interrupted on purpose: a change or the health check
 			}
-			return fmt.Errorf("jobwatch: listener: connection lost: %w", err)
+			return fmt.Errorf("listener: connection lost: %w", err)
 		}
 		if n.Channel == l.healthChannel {
 			if token, ok := strings.CutPrefix(n.Payload, probePrefix); ok {
@@ -278,7 +278,7 @@ func (l *Listener) apply(conn *pgx.Conn, listening map[string]bool) error {
 		err = execListen(ctx, conn, "UNLISTEN", unlisten)
 	}
 	if err != nil && conn.IsClosed() {
-		return fmt.Errorf("jobwatch: listener: connection lost: %w", err)
+		return fmt.Errorf("listener: connection lost: %w", err)
 	}
 	asked := make(map[string]bool, len(listen))
 	var failed map[string]error
@@ -355,13 +355,13 @@ func (h *healthCheck) run(ctx context.Context, conn *pgx.Conn, channel string, t
 		return nil
 	}
 	if h.outstanding {
-		return errors.New("jobwatch: listener: health check: ping notification not received in time")
+		return errors.New("listener: health check: ping notification not received in time")
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	_, err := conn.Exec(ctx, "SELECT pg_notify($1, '')", channel)
 	cancel()
 	if err != nil {
-		return fmt.Errorf("jobwatch: listener: health check: %w", err)
+		return fmt.Errorf("listener: health check: %w", err)
 	}
 	h.outstanding = true
 	h.next = time.Now().Add(h.interval)

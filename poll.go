@@ -64,10 +64,13 @@ func PollForJob(ctx context.Context, repair bool, pool *pgxpool.Pool, tableName 
 	if err != nil {
 		return nil, err
 	}
-	p := newPoller(pool, n, pollInterval, o, newCounters(n, wake, o), repair, repair)
-	if p.installer != nil {
-		p.installer.request(false)
+	stats := newCounters(n, wake, o)
+	var inst *installer
+	if repair {
+		inst = newInstaller(pool, n, o, stats)
+		inst.request(false)
 	}
+	p := newPoller(pool, n, pollInterval, o, stats, inst, repair)
 	p.start(ctx)
 	return p, nil
 }
@@ -97,21 +100,22 @@ func validate(step string, pool *pgxpool.Pool, tableName string, pollInterval ti
 	return n, o, nil
 }
 
-// newPoller makes a poller that does nothing until start. With install it
-// has an installer; with repair the installer checks the triggers after
-// each interval poll.
-func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, stats *counters, install, repair bool) *Poller {
+// newPoller makes a poller that does nothing until start. It runs inst,
+// if any, asks it to check the triggers after each interval poll when
+// repair is set, and polls at once when inst has installed them.
+func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, stats *counters, inst *installer, repair bool) *Poller {
 	table := n.table.quoted()
 	p := &Poller{
-		pool:     pool,
-		names:    n,
-		interval: interval,
-		opts:     o,
-		stats:    stats,
-		repair:   repair && install,
-		done:     make(chan struct{}),
-		kick:     make(chan struct{}, 1),
-		problems: problemLog{log: o.logger, remind: pollRemind},
+		pool:      pool,
+		names:     n,
+		interval:  interval,
+		opts:      o,
+		stats:     stats,
+		repair:    repair && inst != nil,
+		installer: inst,
+		done:      make(chan struct{}),
+		kick:      make(chan struct{}, 1),
+		problems:  problemLog{log: o.logger, remind: pollRemind},
 		// The limit is the channel's capacity, a constant, so the statement
 		// has no parameter and its plan is made once per connection. The
 		// server's clock comes along, to place "at:" times on ours.
@@ -120,8 +124,8 @@ func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, s
 		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + ` WHERE ` + pendingLater + `),
 		extract(epoch FROM clock_timestamp())::float8`,
 	}
-	if install {
-		p.installer = newInstaller(pool, n, o, stats, p.pollSoon)
+	if inst != nil {
+		inst.installed = p.pollSoon
 	}
 	return p
 }

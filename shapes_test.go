@@ -120,12 +120,7 @@ func TestPartitionedTable(t *testing.T) {
 	d.exec(t, `CREATE TABLE jobs_a PARTITION OF jobs FOR VALUES IN ('a')`)
 	d.exec(t, `CREATE TABLE jobs_bc PARTITION OF jobs FOR VALUES IN ('b', 'c') PARTITION BY LIST (queue)`)
 	d.exec(t, `CREATE TABLE jobs_b PARTITION OF jobs_bc FOR VALUES IN ('b')`)
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, testListener(t, d.url, opt), "jobs", 50*time.Millisecond, ch, opt,
-		jobwatch.WithJitter(0))
-	require.NoError(t, err)
-	defer w.Close()
-	settle(t, w, ch)
+	w, ch, _ := d.watch(t, opt, watchSetup{interval: 50 * time.Millisecond, noTable: true, opts: []jobwatch.Option{jobwatch.WithJitter(0)}})
 	assert.Equal(t, map[string]string{
 		// A partitioned partition keeps its clone on: PostgreSQL copies it
 		// onto the partitions created under it.
@@ -294,11 +289,7 @@ func TestTableShapes(t *testing.T) {
 				d.exec(t, `ALTER TABLE jobs ENABLE ROW LEVEL SECURITY; ALTER TABLE jobs FORCE ROW LEVEL SECURITY;
 					CREATE POLICY see_odd ON jobs FOR SELECT USING (id % 2 = 1); CREATE POLICY add ON jobs FOR INSERT WITH CHECK (true)`)
 			}
-			ch := make(chan jobwatch.Message, 10)
-			w, err := jobwatch.WatchForJob(ctxT(t), d.pool, testListener(t, d.url, opt), "jobs", time.Hour, ch, opt)
-			require.NoError(t, err)
-			defer w.Close()
-			settle(t, w, ch)
+			w, _, _ := d.watch(t, opt, watchSetup{noTable: true})
 			o := observe(t, d, "jobs")
 			assert.Equal(t, c.want, o.sent(t, c.stmts...))
 			eventually(t, "the watch got them", func() bool { return w.Stats().Notifications == uint64(len(c.want)) })
@@ -333,11 +324,7 @@ func TestRunAtWithoutTimeZone(t *testing.T) {
 	_, opt := newLogs(t)
 	d.exec(t, `CREATE TABLE jobs (status text NOT NULL DEFAULT 'job_status_not_started', locked_by uuid,
 		run_at timestamp NOT NULL DEFAULT localtimestamp)`)
-	ch := make(chan jobwatch.Message, 10)
-	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, testListener(t, d.url, opt), "jobs", time.Hour, ch, opt, jobwatch.WithJitter(0))
-	require.NoError(t, err)
-	defer w.Close()
-	settle(t, w, ch)
+	_, ch, _ := d.watch(t, opt, watchSetup{noTable: true, opts: []jobwatch.Option{jobwatch.WithJitter(0)}})
 	d.exec(t, "INSERT INTO jobs (run_at) VALUES (localtimestamp + interval '300 milliseconds')")
 	waitWake(t, ch, "scheduled job, timestamp without time zone")
 	var due bool

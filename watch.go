@@ -45,6 +45,7 @@ type Watch struct {
 	stopAfter       func() bool
 	stats           *counters
 	check           *deliveryCheck // nil with the check off
+	fallback        time.Duration  // the poll interval while notifications do not arrive
 	startedAt       time.Time
 	started         atomic.Bool // the poller runs: reconnects call for catch-up
 	done            chan struct{}
@@ -100,9 +101,9 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
 	stats := newCounters(n, wake, o)
-	w := &Watch{listener: listener, stats: stats, startedAt: time.Now(), done: make(chan struct{})}
-	w.poller = newPoller(pool, n, pollInterval, o, stats, true, repair)
-	inst := w.poller.installer
+	w := &Watch{listener: listener, stats: stats, fallback: o.fallbackPoll, startedAt: time.Now(), done: make(chan struct{})}
+	inst := newInstaller(pool, n, o, stats)
+	w.poller = newPoller(pool, n, pollInterval, o, stats, inst, repair)
 	// A first attempt now, so that the triggers are in place when this
 	// returns; on failure the installer goes on by itself.
 	if !inst.check(ctx, true) {
@@ -125,7 +126,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	})
 	// The poller starts after the subscription, so that a job inserted
 	// between the first poll and the LISTEN cannot be missed.
-	w.sub, err = listener.Subscribe(n.channel, w.notified)
+	w.sub, err = listener.subscribe(n.channel, w.notified)
 	if err != nil {
 		w.removeReconnect()
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
@@ -174,7 +175,7 @@ func (w *Watch) deliveryChanged(working bool) {
 	if working {
 		w.poller.setFallback(0)
 	} else {
-		w.poller.setFallback(w.poller.opts.fallbackPoll)
+		w.poller.setFallback(w.fallback)
 	}
 }
 

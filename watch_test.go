@@ -14,20 +14,6 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// startWatch creates a job table and watches it; logger (from newLogs)
-// serves the Listener and the watch, opts the watch only.
-func startWatch(t *testing.T, d db, table string, interval time.Duration, capacity int, logger jobwatch.Option, opts ...jobwatch.Option) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
-	t.Helper()
-	d.jobTable(t, table)
-	ch := make(chan jobwatch.Message, capacity)
-	l := testListener(t, d.url, logger)
-	w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, table, interval, ch, append(opts, logger)...)
-	require.NoError(t, err)
-	t.Cleanup(func() { _ = w.Close() })
-	settle(t, w, ch)
-	return w, ch, l
-}
-
 func TestWakeOnInsert(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
