@@ -19,16 +19,16 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// buildWorker builds the example worker once per test.
+// buildWorker builds the runner (internal/runner) once per test.
 func buildWorker(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "worker")
-	out, err := exec.Command("go", "build", "-o", bin, "./examples/worker").CombinedOutput()
-	require.NoError(t, err, "build the example worker: %s", out)
+	out, err := exec.Command("go", "build", "-o", bin, "./internal/runner").CombinedOutput()
+	require.NoError(t, err, "build the runner: %s", out)
 	return bin
 }
 
-// workerProc is one running example worker process.
+// workerProc is one running runner process.
 type workerProc struct {
 	cmd    *exec.Cmd
 	mu     sync.Mutex
@@ -204,28 +204,27 @@ func TestManyWorkerProcesses(t *testing.T) {
 	procs = procs[:0]
 	for range 3 {
 		procs = append(procs, startWorkerProc(t, bin, url, "-table", "jobs", "-concurrency", "4",
-			"-job-duration", "50ms", "-fail-rate", "0", "-poll", "1m", "-stale-after", "1s"))
+			"-job-duration", "200ms", "-fail-rate", "0", "-poll", "1m", "-stale-after", "1s"))
 	}
 	for _, p := range procs {
 		eventually(t, "worker started", func() bool { return p.has("worker started") })
 	}
 	d.exec(t, "INSERT INTO jobs SELECT FROM generate_series(1, 300)")
-	eventually(t, "jobs running", func() bool {
-		return d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_succeeded'") > 30
-	})
 	victim := procs[0]
+	victimID := victim.workerID(t)
+	running := "SELECT count(*) FROM jobs WHERE status = 'job_status_running' AND locked_by = '" + victimID + "'"
+	// Each job takes 200ms: stop the victim while it holds some.
+	eventually(t, "the victim runs jobs", func() bool { return d.count(t, running) > 0 })
 	require.NoError(t, victim.cmd.Process.Signal(syscall.SIGKILL))
 	victim.waitExit(t)
-	victimID := victim.workerID(t)
-	orphans := d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_running' AND locked_by = '"+victimID+"'")
+	orphans := d.count(t, running)
 	t.Logf("the killed worker left %d jobs locked", orphans)
+	require.Positive(t, orphans, "the victim was killed holding jobs")
 	eventually(t, "the others finish everything, the victim's jobs included", func() bool {
 		return d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_succeeded'") == 300
 	})
-	if orphans > 0 {
-		assert.True(t, procs[1].has("put stale jobs back in the queue") || procs[2].has("put stale jobs back in the queue"))
-		assert.GreaterOrEqual(t, d.count(t, "SELECT count(*) FROM jobs WHERE attempts_count > 1"), orphans, "the orphans ran again")
-	}
+	assert.True(t, procs[1].has("put stale jobs back in the queue") || procs[2].has("put stale jobs back in the queue"))
+	assert.GreaterOrEqual(t, d.count(t, "SELECT count(*) FROM jobs WHERE attempts_count > 1"), orphans, "the orphans ran again")
 	for _, p := range procs[1:] {
 		for _, l := range p.log() {
 			assert.NotContains(t, l, "level=ERROR", "survivor log")

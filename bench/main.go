@@ -604,10 +604,10 @@ func endToEnd(ctx context.Context, dbURL string, pool *pgxpool.Pool, _ jobwatch.
 	}
 	defer os.RemoveAll(dir)
 	bin := filepath.Join(dir, "worker")
-	build := exec.Command("go", "build", "-o", bin, "./examples/worker")
+	build := exec.Command("go", "build", "-o", bin, "./internal/runner")
 	build.Stderr = os.Stderr
 	if err := build.Run(); err != nil {
-		return fmt.Errorf("build the example worker (run from the repository root): %w", err)
+		return fmt.Errorf("build the runner (run from the repository root): %w", err)
 	}
 	if err := exec1(ctx, pool, jobwatch.CreateJobTableSQL("e2e")); err != nil {
 		return err

@@ -1,408 +1,158 @@
-// Command worker is a complete small job runner built on jobwatch.
-//
-// It creates an IHP-shaped job table if it is missing, watches it, fetches
-// jobs with UPDATE ... FOR UPDATE SKIP LOCKED ... RETURNING, runs them with
-// bounded concurrency, marks them succeeded or failed (with retries), puts
-// jobs whose worker died back in the queue, and shuts down cleanly on
-// Ctrl-C or SIGTERM (a second signal exits at once).
+// Command worker is the smallest complete job runner on jobwatch, to copy:
+// one loop that waits for a wake-up, fetches due jobs with UPDATE ... FOR
+// UPDATE SKIP LOCKED, runs them (at most -concurrency at once), records
+// each result, and on Ctrl-C or SIGTERM stops fetching and waits for the
+// jobs it started.
 //
 // It connects with DATABASE_URL, else pgx's defaults (PG* variables, the
-// local socket, localhost:5432).
+// local socket, localhost:5432), and creates the job table if it is
+// missing. The demo flags enqueue jobs and exit once none is left:
 //
-//	go run ./examples/worker -enqueue 20 -enqueue-later 5
+//	go run ./examples/worker -enqueue 20 -enqueue-later 5 -exit-when-idle
+//
+// internal/runner is the same loop tuned for throughput (batched fetches
+// and results, stale-job recovery, retries with backoff).
 package main
 
 import (
 	"context"
-	"crypto/rand"
+	"errors"
 	"flag"
 	"fmt"
 	"log/slog"
-	mrand "math/rand/v2"
 	"os"
 	"os/signal"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jobwatch-go/jobwatch"
 )
 
-type config struct {
-	table        string
-	concurrency  int
-	pollInterval time.Duration
-	staleAfter   time.Duration
-	maxAttempts  int
-	jobDuration  time.Duration
-	failRate     float64
-	enqueue      int
-	enqueueLater int
-	exitIdle     bool
-	syncCommit   string
-}
-
 func main() {
-	var c config
-	flag.StringVar(&c.table, "table", "jobs", "job table ([schema.]table)")
-	flag.IntVar(&c.concurrency, "concurrency", 4, "jobs run at once")
-	flag.DurationVar(&c.pollInterval, "poll", time.Minute, "poll interval")
-	flag.DurationVar(&c.staleAfter, "stale-after", 5*time.Minute, "a running job locked longer than this is put back in the queue (its worker died)")
-	flag.IntVar(&c.maxAttempts, "max-attempts", 3, "attempts before a failing job is marked failed")
-	flag.DurationVar(&c.jobDuration, "job-duration", 100*time.Millisecond, "how long each demo job works (0 for a no-op job)")
-	flag.Float64Var(&c.failRate, "fail-rate", 0.1, "share of demo job runs that fail, 0 to 1")
-	flag.IntVar(&c.enqueue, "enqueue", 0, "enqueue this many demo jobs to run now")
-	flag.IntVar(&c.enqueueLater, "enqueue-later", 0, "enqueue this many demo jobs scheduled 1 to 5 s ahead")
-	flag.StringVar(&c.syncCommit, "synchronous-commit", "on", "synchronous_commit for the worker's own bookkeeping (fetch, mark done); off trades a re-run of the last jobs after a server crash for fewer disk flushes")
-	flag.BoolVar(&c.exitIdle, "exit-when-idle", false, "exit once no job is pending, scheduled or running")
+	table := flag.String("table", "jobs", "job table ([schema.]table)")
+	concurrency := flag.Int("concurrency", 4, "jobs run at once")
+	enqueue := flag.Int("enqueue", 0, "demo: enqueue this many jobs to run now")
+	enqueueLater := flag.Int("enqueue-later", 0, "demo: enqueue this many jobs scheduled 1 to 5 s ahead")
+	exitIdle := flag.Bool("exit-when-idle", false, "demo: exit once no job is pending or scheduled")
 	flag.Parse()
-
-	logger := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if err := run(c, logger); err != nil {
-		logger.Error("worker stopped", "error", err)
+	if *concurrency < 1 || *enqueue < 0 || *enqueueLater < 0 {
+		fmt.Fprintln(os.Stderr, "worker: -concurrency must be 1 or more, -enqueue and -enqueue-later 0 or more")
+		os.Exit(2)
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, *table, *concurrency, *enqueue, *enqueueLater, *exitIdle); err != nil {
+		slog.Error("worker stopped", "error", err)
 		os.Exit(1)
 	}
 }
 
-func run(c config, logger *slog.Logger) error {
-	ctx, stop := context.WithCancel(context.Background())
-	defer stop()
-	signals := make(chan os.Signal, 2)
-	signal.Notify(signals, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		<-signals
-		logger.Info("shutting down: finishing running jobs (signal again to exit at once)")
-		stop()
-		<-signals
-		logger.Warn("second signal: exiting now")
-		os.Exit(1)
-	}()
-
+func run(ctx context.Context, table string, concurrency, enqueue, enqueueLater int, exitIdle bool) error {
 	dsn := os.Getenv("DATABASE_URL")
-	poolConfig, err := pgxpool.ParseConfig(dsn)
+	pool, err := pgxpool.New(ctx, dsn)
 	if err != nil {
-		return fmt.Errorf("parse DATABASE_URL: %w", err)
-	}
-	poolConfig.ConnConfig.RuntimeParams["synchronous_commit"] = c.syncCommit
-	pool, err := pgxpool.NewWithConfig(ctx, poolConfig)
-	if err != nil {
-		return fmt.Errorf("connect: %w", err)
+		return err
 	}
 	defer pool.Close()
-	if err := createTable(ctx, pool, c.table); err != nil {
-		return err
-	}
-	q, err := newQueries(c.table)
+	t, err := jobwatch.QuoteTableName(table) // the table name as safe SQL
 	if err != nil {
 		return err
 	}
-	if err := enqueueDemo(ctx, pool, q, c.enqueue, c.enqueueLater); err != nil {
-		return err
+	if _, err := pool.Exec(ctx, jobwatch.CreateJobTableSQL(table)); err != nil {
+		return fmt.Errorf("create job table: %w", err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO `+t+` (run_at) SELECT now() + CASE WHEN i > $1::int
+		THEN make_interval(secs => 1 + random() * 4) ELSE '0' END FROM generate_series(1, $1::int + $2::int) i`,
+		enqueue, enqueueLater); err != nil {
+		return fmt.Errorf("enqueue: %w", err)
 	}
 
-	listener, err := jobwatch.NewListener(dsn, jobwatch.WithLogger(logger))
+	listener, err := jobwatch.NewListener(dsn) // one per process, shared by every table
 	if err != nil {
 		return err
 	}
 	defer listener.Close()
-	wake := make(chan jobwatch.Message, c.concurrency)
-	watch, err := jobwatch.WatchForJob(ctx, pool, listener, c.table, c.pollInterval, wake, jobwatch.WithLogger(logger))
+	wake := make(chan jobwatch.Message, concurrency)
+	watch, err := jobwatch.WatchForJob(ctx, pool, listener, table, time.Minute, wake)
 	if err != nil {
 		return err
 	}
 	defer watch.Close()
+	slog.Info("worker started", "table", table, "concurrency", concurrency)
 
-	var workerID pgtype.UUID
-	_, _ = rand.Read(workerID.Bytes[:])
-	workerID.Valid = true
-	w := &worker{c: c, pool: pool, q: q, id: workerID, log: logger}
-	logger.Info("worker started", "table", c.table, "concurrency", c.concurrency, "worker_id", fmt.Sprintf("%x", workerID.Bytes))
-
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		w.fetchLoop(ctx, wake)
-	}()
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		w.housekeeping(ctx, stop)
-	}()
-	wg.Wait()
-	logger.Info("worker stopped", "ran", w.ran.Load(), "failed", w.failed.Load(), "fetches", w.fetches.Load())
-	return nil
-}
-
-// createTable creates the job table if it is missing. Workers started
-// together would race on CREATE TYPE / CREATE TABLE IF NOT EXISTS (which can
-// fail with a duplicate key), so creation runs under an advisory lock.
-func createTable(ctx context.Context, pool *pgxpool.Pool, table string) error {
-	err := pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
-		if _, err := tx.Exec(ctx, "SELECT pg_advisory_xact_lock(hashtext('jobwatch example: create job table'))"); err != nil {
-			return err
-		}
-		_, err := tx.Exec(ctx, jobwatch.CreateJobTableSQL(table))
-		return err
-	})
-	if err != nil {
-		return fmt.Errorf("create job table: %w", err)
-	}
-	return nil
-}
-
-// queries holds the worker's SQL for one table.
-type queries struct {
-	fetch, succeed, fail, unlockStale, insertNow, insertLater, busy string
-}
-
-func newQueries(table string) (queries, error) {
-	ident, err := jobwatch.QuoteTableName(table)
-	if err != nil {
-		return queries{}, err
-	}
-	return queries{
-		// The standard fetch: lock up to $2 due jobs, skipping those other
-		// workers hold, and mark them running in the same statement.
-		fetch: `UPDATE ` + ident + ` SET status = 'job_status_running', locked_at = now(), locked_by = $1,
-				attempts_count = attempts_count + 1, updated_at = now()
-			WHERE id IN (SELECT id FROM ` + ident + `
-				WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at <= now()
-				ORDER BY run_at LIMIT $2 FOR UPDATE SKIP LOCKED)
-			RETURNING id, attempts_count`,
-		// As IHP does, a finished job keeps locked_at and locked_by: they
-		// say when and by whom it was run.
-		succeed: `UPDATE ` + ident + ` SET status = 'job_status_succeeded', updated_at = now()
-			WHERE id = ANY($1) AND locked_by = $2`,
-		// A failed job is retried with a backoff until max attempts. The
-		// status is a parameter so that its type is the column's (enum or text).
-		fail: `UPDATE ` + ident + ` SET status = $3, last_error = $4, locked_by = NULL, locked_at = NULL, updated_at = now(),
-				run_at = now() + make_interval(secs => power(2, attempts_count))
-			WHERE id = $1 AND locked_by = $2`,
-		// IHP's staleJobTimeout: a job running longer than that lost its
-		// worker (killed, crashed); put it back in the queue.
-		unlockStale: `UPDATE ` + ident + ` SET status = 'job_status_retry', locked_by = NULL, locked_at = NULL, updated_at = now()
-			WHERE status = 'job_status_running' AND locked_at < now() - $1::interval`,
-		insertNow:   `INSERT INTO ` + ident + ` SELECT FROM generate_series(1, $1::int)`,
-		insertLater: `INSERT INTO ` + ident + ` (run_at) SELECT now() + make_interval(secs => 1 + random() * 4) FROM generate_series(1, $1::int)`,
-		busy: `SELECT EXISTS (SELECT 1 FROM ` + ident + `
-			WHERE status IN ('job_status_not_started', 'job_status_retry', 'job_status_running'))`,
-	}, nil
-}
-
-func enqueueDemo(ctx context.Context, pool *pgxpool.Pool, q queries, now, later int) error {
-	if now > 0 {
-		if _, err := pool.Exec(ctx, q.insertNow, now); err != nil {
-			return fmt.Errorf("enqueue: %w", err)
-		}
-	}
-	if later > 0 {
-		if _, err := pool.Exec(ctx, q.insertLater, later); err != nil {
-			return fmt.Errorf("enqueue: %w", err)
-		}
-	}
-	return nil
-}
-
-type worker struct {
-	c    config
-	pool *pgxpool.Pool
-	q    queries
-	id   pgtype.UUID
-	log  *slog.Logger
-
-	ran, failed, fetches atomic.Int64
-}
-
-// fetchLoop runs the fetchers and the completer. Each fetcher waits for a
-// wake-up, then fetches due jobs, as many at a time as there are free
-// slots, and starts them, until none is due. One statement (UPDATE ... FOR
-// UPDATE SKIP LOCKED ... RETURNING) locks a batch; two fetchers keep a
-// round trip in flight while the other's jobs start; a completer marks
-// finished jobs in batches. A burst thus costs a few round trips per batch
-// instead of two commits per job. On shutdown fetching stops and the loop
-// waits for the jobs it started and their recording.
-func (w *worker) fetchLoop(ctx context.Context, wake <-chan jobwatch.Message) {
-	slots := make(chan struct{}, w.c.concurrency)
-	// Results wait here for the completer; a job's slot is free as soon
-	// as the job returns.
-	results := make(chan result, 64*w.c.concurrency)
-	completerDone := make(chan struct{})
-	go func() {
-		defer close(completerDone)
-		w.complete(results)
-	}()
-	var running, fetchers sync.WaitGroup
-	for range min(2, w.c.concurrency) {
-		fetchers.Add(1)
-		go func() {
-			defer fetchers.Done()
-			w.fetcher(ctx, wake, slots, results, &running)
-		}()
-	}
-	fetchers.Wait()
-	running.Wait()
-	close(results)
-	<-completerDone
-}
-
-func (w *worker) fetcher(ctx context.Context, wake <-chan jobwatch.Message, slots chan struct{},
-	results chan<- result, running *sync.WaitGroup) {
+	slots := make(chan struct{}, concurrency) // a slot per running job
+	var running sync.WaitGroup
+	defer running.Wait() // on the way out, let started jobs finish and be recorded
+	idle := time.NewTicker(200 * time.Millisecond)
+	defer idle.Stop()
 	for {
 		select {
 		case <-ctx.Done():
-			return
+			return nil
+		case <-idle.C:
+			if exitIdle && len(slots) == 0 && nothingLeft(ctx, pool, t) {
+				slog.Info("no job left: exiting")
+				return nil
+			}
+			continue
 		case <-wake:
 		}
+		// Fetch while jobs are due and a slot is free.
 		for ctx.Err() == nil {
-			// Take every free slot, waiting for at least one.
-			select {
-			case slots <- struct{}{}:
-			case <-ctx.Done():
-				return
-			}
-			free := 1
-		take:
-			for free < w.c.concurrency {
-				select {
-				case slots <- struct{}{}:
-					free++
-				default:
-					break take
-				}
-			}
-			jobs, err := w.fetch(ctx, free)
-			if err != nil && ctx.Err() == nil {
-				w.log.Error("fetch failed", "error", err)
-			}
-			for range free - len(jobs) {
+			slots <- struct{}{}
+			var id string
+			err := pool.QueryRow(ctx, `UPDATE `+t+` SET status = 'job_status_running', locked_at = now(),
+					locked_by = gen_random_uuid(), attempts_count = attempts_count + 1, updated_at = now()
+				WHERE id = (SELECT id FROM `+t+`
+					WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at <= now()
+					ORDER BY run_at LIMIT 1 FOR UPDATE SKIP LOCKED)
+				RETURNING id::text`).Scan(&id)
+			if err != nil {
 				<-slots
+				if !errors.Is(err, pgx.ErrNoRows) && ctx.Err() == nil {
+					slog.Error("fetch failed", "error", err)
+				}
+				break // nothing due: wait for the next wake-up
 			}
-			for _, j := range jobs {
-				running.Add(1)
-				go func() {
-					defer running.Done()
-					r := result{job: j, err: w.perform(j.attempts)}
-					<-slots
-					results <- r
-				}()
-			}
-			if len(jobs) < free {
-				break // nothing more is due; wait for the next wake-up
-			}
+			running.Add(1)
+			go func() {
+				defer running.Done()
+				defer func() { <-slots }()
+				record(pool, t, id, perform(id))
+			}()
 		}
 	}
 }
 
-type job struct {
-	id       pgtype.UUID
-	attempts int
-}
-
-type result struct {
-	job job
-	err error
-}
-
-// fetch locks up to n due jobs for this worker.
-func (w *worker) fetch(ctx context.Context, n int) ([]job, error) {
-	w.fetches.Add(1)
-	rows, err := w.pool.Query(ctx, w.q.fetch, w.id, n)
-	if err != nil {
-		return nil, err
-	}
-	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (job, error) {
-		var j job
-		err := r.Scan(&j.id, &j.attempts)
-		return j, err
-	})
-}
-
-// complete records results: every success that is waiting goes in one
-// UPDATE, each failure in its own. It runs to the end even during
-// shutdown: a graceful stop records the jobs it ran.
-func (w *worker) complete(results <-chan result) {
-	ctx := context.Background()
-	var ok []pgtype.UUID
-	for r := range results {
-		ok = ok[:0]
-		for {
-			if r.err == nil {
-				ok = append(ok, r.job.id)
-			} else {
-				w.recordFailure(ctx, r)
-			}
-			var more bool
-			select {
-			case r, more = <-results:
-			default:
-			}
-			if !more {
-				break
-			}
-		}
-		if len(ok) > 0 {
-			if _, err := w.pool.Exec(ctx, w.q.succeed, ok, w.id); err != nil {
-				w.log.Error("mark jobs succeeded", "error", err)
-			}
-			w.ran.Add(int64(len(ok)))
-		}
-	}
-}
-
-func (w *worker) recordFailure(ctx context.Context, r result) {
-	w.failed.Add(1)
-	w.log.Info("job failed", "id", fmt.Sprintf("%x", r.job.id.Bytes), "attempt", r.job.attempts, "error", r.err)
-	status := "job_status_retry"
-	if r.job.attempts >= w.c.maxAttempts {
-		status = "job_status_failed"
-	}
-	if _, err := w.pool.Exec(ctx, w.q.fail, r.job.id, w.id, status, r.err.Error()); err != nil {
-		w.log.Error("mark job failed", "error", err)
-	}
-}
-
-// perform is the demo job: it works for jobDuration and fails at failRate.
-func (w *worker) perform(attempt int) error {
-	if w.c.jobDuration > 0 {
-		time.Sleep(w.c.jobDuration)
-	}
-	if w.c.failRate > 0 && mrand.Float64() < w.c.failRate {
-		return fmt.Errorf("demo failure on attempt %d", attempt)
-	}
+// perform is the job itself: here, a demo that works for 100 ms.
+func perform(id string) error {
+	time.Sleep(100 * time.Millisecond)
+	slog.Info("job done", "id", id)
 	return nil
 }
 
-// housekeeping puts stale jobs back in the queue and, with -exit-when-idle,
-// stops the worker once there is nothing left to do.
-func (w *worker) housekeeping(ctx context.Context, stop context.CancelFunc) {
-	stale := fmt.Sprintf("%d milliseconds", w.c.staleAfter.Milliseconds())
-	tick := time.NewTicker(min(w.c.staleAfter/2, time.Minute))
-	defer tick.Stop()
-	idle := time.NewTicker(100 * time.Millisecond)
-	defer idle.Stop()
-	if !w.c.exitIdle {
-		idle.Stop()
+// record marks the job succeeded, or failed with its error. It runs even
+// during shutdown, so it does not use the run's context.
+func record(pool *pgxpool.Pool, table, id string, jobErr error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	status, lastError := "job_status_succeeded", ""
+	if jobErr != nil {
+		status, lastError = "job_status_failed", jobErr.Error()
 	}
-	for {
-		if tag, err := w.pool.Exec(ctx, w.q.unlockStale, stale); err == nil && tag.RowsAffected() > 0 {
-			w.log.Warn("put stale jobs back in the queue", "count", tag.RowsAffected())
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		case <-idle.C:
-			var busy bool
-			if err := w.pool.QueryRow(ctx, w.q.busy).Scan(&busy); err == nil && !busy {
-				w.log.Info("no job left: exiting")
-				stop()
-				return
-			}
-		}
+	// The status is a parameter so that its type is the column's (enum or text).
+	if _, err := pool.Exec(ctx, `UPDATE `+table+` SET status = $2, last_error = nullif($3, ''), updated_at = now()
+		WHERE id = $1`, id, status, lastError); err != nil {
+		slog.Error("record job result", "id", id, "error", err)
 	}
+}
+
+func nothingLeft(ctx context.Context, pool *pgxpool.Pool, table string) bool {
+	var busy bool
+	err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM `+table+`
+		WHERE status IN ('job_status_not_started', 'job_status_retry', 'job_status_running'))`).Scan(&busy)
+	return err == nil && !busy
 }
