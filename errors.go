@@ -15,7 +15,15 @@ var (
 	// name, for one that is empty or that PostgreSQL could not read as
 	// [schema.]table.
 	ErrInvalidTableName = errors.New("invalid table name")
+	// ErrInvalidOption is returned by NewListener, NewListenerConfig and
+	// the watch, poll and trigger functions for an option that does not
+	// apply to them (such as WithNotifyGate given to a Listener) or an
+	// option value out of range.
+	ErrInvalidOption = errors.New("invalid option")
+)
 
+// Errors for a nil or unusable argument.
+var (
 	// ErrNilPool is returned by the watch, poll and trigger functions for a
 	// nil *pgxpool.Pool.
 	ErrNilPool = errors.New("nil pool")
@@ -32,12 +40,10 @@ var (
 	// ErrInvalidPollInterval is returned by the watch and poll functions for
 	// a poll interval of zero or less.
 	ErrInvalidPollInterval = errors.New("poll interval must be positive")
-	// ErrInvalidOption is returned by NewListener, NewListenerConfig and
-	// the watch, poll and trigger functions for an option that does not
-	// apply to them (such as WithNotifyGate given to a Listener) or an
-	// option value out of range.
-	ErrInvalidOption = errors.New("invalid option")
+)
 
+// Errors about the job table and its triggers.
+var (
 	// ErrTableNotFound is returned by EnsureNotificationTriggers and
 	// NotificationTriggersHealthy when the job table does not exist
 	// (to_regclass finds nothing under that name, schema included).
@@ -61,7 +67,10 @@ var (
 	// schema). Run CreateNotificationTriggerSQL as the table's owner, in a
 	// migration for example.
 	ErrPermissionDenied = errors.New("permission denied")
+)
 
+// Errors of the Listener.
+var (
 	// ErrListenerClosed is returned by Subscribe, and by the watch
 	// functions, once the Listener is closed.
 	ErrListenerClosed = errors.New("listener closed")

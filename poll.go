@@ -187,14 +187,17 @@ func (p *Poller) pollSoon() {
 }
 
 // scheduleIn asks for a poll after d unless one is already due sooner.
-func (p *Poller) scheduleIn(d time.Duration) {
-	at := time.Now().Add(d)
+func (p *Poller) scheduleIn(d time.Duration) { p.setEarlier(&p.scheduled, time.Now().Add(d)) }
+
+// setEarlier sets *t, a time the loop waits for, to at unless it is set
+// sooner already, and wakes the loop.
+func (p *Poller) setEarlier(t *time.Time, at time.Time) {
 	p.mu.Lock()
-	if !p.scheduled.IsZero() && !at.Before(p.scheduled) {
+	if !t.IsZero() && !at.Before(*t) {
 		p.mu.Unlock()
 		return
 	}
-	p.scheduled = at
+	*t = at
 	p.mu.Unlock()
 	p.signal()
 }
@@ -312,17 +315,7 @@ func (p *Poller) run(ctx context.Context) {
 const trailDelay = 5 * time.Millisecond
 
 // trailIn asks for a trailing poll after d unless one is due sooner.
-func (p *Poller) trailIn(d time.Duration) {
-	at := time.Now().Add(d)
-	p.mu.Lock()
-	if !p.trailAt.IsZero() && !at.Before(p.trailAt) {
-		p.mu.Unlock()
-		return
-	}
-	p.trailAt = at
-	p.mu.Unlock()
-	p.signal()
-}
+func (p *Poller) trailIn(d time.Duration) { p.setEarlier(&p.trailAt, time.Now().Add(d)) }
 
 // skippersOpen reports whether a transaction that skipped its notification
 // under the notify gate is still open. It runs before the poll's own

@@ -121,6 +121,8 @@ DECLARE
     state text;
     sent int;
     announced numeric;
+    announce text[] := '{}';
+    payload text;
 BEGIN
     -- status::text: the column may be IHP's job_status enum, text or a
     -- domain over text, and comparing as text cannot fail on an enum that
@@ -149,24 +151,21 @@ BEGIN
     sent := coalesce(nullif(split_part(state, ' ', 1), '')::int, 0);
     announced := nullif(split_part(state, ' ', 2), '')::numeric;
     IF due > 1 THEN
-        IF sent < ` + bound + ` THEN
-            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadDue + `' || due);
-            sent := sent + 1;
-        ELSE
-            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadPoll + `');
-        END IF;
+        announce := announce || ('` + payloadDue + `' || due);
     END IF;
     -- The time is absolute, on the server's clock: the notification is
     -- delivered at commit, however long after this statement that is.
     IF next_at IS NOT NULL AND (announced IS NULL OR extract(epoch FROM next_at) < announced) THEN
-        IF sent < ` + bound + ` THEN
-            announced := extract(epoch FROM next_at);
-            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadAt + `' || announced);
-            sent := sent + 1;
-        ELSE
-            PERFORM pg_notify(` + ch + `, ` + prefix + ` || '` + payloadPoll + `');
-        END IF;
+        announced := extract(epoch FROM next_at);
+        announce := announce || ('` + payloadAt + `' || announced);
     END IF;
+    FOREACH payload IN ARRAY announce LOOP
+        IF sent >= ` + bound + ` THEN
+            payload := '` + payloadPoll + `';
+        END IF;
+        PERFORM pg_notify(` + ch + `, ` + prefix + ` || payload);
+        sent := sent + 1;
+    END LOOP;
     PERFORM set_config(` + quoteLiteral(n.setting) + `, sent || ' ' || coalesce(announced::text, ''), true);
     RETURN NULL;
 END

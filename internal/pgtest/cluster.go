@@ -76,21 +76,28 @@ func newClusterDir(settings []string) (*Cluster, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp("", "jobwatchtest-pg-")
+	dir, as, port, err := scratch("jobwatchtest-pg-")
 	if err != nil {
-		return nil, err
-	}
-	as, err := clusterUser(dir)
-	if err != nil {
-		_ = os.RemoveAll(dir)
-		return nil, err
-	}
-	port, err := FreePort()
-	if err != nil {
-		_ = os.RemoveAll(dir)
 		return nil, err
 	}
 	return &Cluster{Port: port, bindir: bindir, dir: dir, data: filepath.Join(dir, "data"), as: as, settings: settings}, nil
+}
+
+// scratch makes a temporary directory for a server the tests start, owned
+// by the user it will run as (see clusterUser), and finds it a free port.
+func scratch(prefix string) (dir string, as runAs, port int, err error) {
+	dir, err = os.MkdirTemp("", prefix)
+	if err != nil {
+		return "", as, 0, err
+	}
+	if as, err = clusterUser(dir); err == nil {
+		port, err = FreePort()
+	}
+	if err != nil {
+		_ = os.RemoveAll(dir)
+		return "", as, 0, err
+	}
+	return dir, as, port, nil
 }
 
 // run runs a tool of the cluster's binaries as the cluster's user.

@@ -47,18 +47,8 @@ func StartPgBouncer(connString string) (*PgBouncer, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := os.MkdirTemp("", "jobwatchtest-pgbouncer-")
+	dir, as, port, err := scratch("jobwatchtest-pgbouncer-")
 	if err != nil {
-		return nil, err
-	}
-	as, err := clusterUser(dir)
-	if err != nil {
-		_ = os.RemoveAll(dir)
-		return nil, err
-	}
-	port, err := FreePort()
-	if err != nil {
-		_ = os.RemoveAll(dir)
 		return nil, err
 	}
 	b := &PgBouncer{Port: port, dir: dir, as: as, target: target}
