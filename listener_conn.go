@@ -81,6 +81,7 @@ func (l *Listener) session(first bool) (served bool, err error) {
 	conn, listening, err := l.connect()
 	if err != nil {
 		if first {
+			l.stats.setError(err) // before the first Subscribe returns and looks
 			close(l.firstTry)
 		}
 		return false, err

@@ -37,43 +37,65 @@ const maxDueCount = 1000
 // PostgreSQL merges identical ones, so "" and "poll" need no bound.
 const maxAnnouncements = 4
 
-// payload is a notification payload as a watch reads it.
-type payload struct {
-	due   int64     // jobs due now; 0 when none is announced
-	at    time.Time // when the earliest future job is due, on the server's clock; zero if none
-	in    time.Duration
-	poll  bool // look at the table
-	gated bool
+// Payload is a notification payload of jobwatch's triggers, decoded.
+type Payload struct {
+	Due   int64         // jobs due now: n for "due:<n>", 1 for "" (and anything unknown); 0 otherwise
+	At    time.Time     // for "at:<epoch>": when the earliest job scheduled for later is due, on the server's clock
+	In    time.Duration // for "in:<seconds>", the relative form of triggers installed by earlier versions
+	Poll  bool          // "poll": look at the table
+	Gated bool          // sent by a gated trigger (WithNotifyGate)
 }
 
-// parsePayload reads a notification payload. Anything it does not know
-// counts as one due job, as IHP's empty payload does.
-func parsePayload(p string) payload {
-	var out payload
+// ParsePayload decodes a notification payload sent on a table's channel
+// (see CreateNotificationTriggerSQL). Anything it does not know counts as
+// one due job, as IHP's empty payload does.
+func ParsePayload(p string) Payload {
+	var out Payload
 	if rest, ok := strings.CutPrefix(p, payloadGated); ok {
-		p, out.gated = rest, true
+		p, out.Gated = rest, true
 	}
 	switch {
 	case p == payloadPoll:
-		out.poll = true
+		out.Poll = true
 		return out
 	case strings.HasPrefix(p, payloadDue):
 		if n, err := strconv.ParseInt(p[len(payloadDue):], 10, 64); err == nil && n > 0 {
-			out.due = n
+			out.Due = n
 			return out
 		}
 	case strings.HasPrefix(p, payloadAt):
 		if secs, err := strconv.ParseFloat(p[len(payloadAt):], 64); err == nil && secs > 0 {
 			whole := math.Floor(secs)
-			out.at = time.Unix(int64(whole), int64((secs-whole)*1e9))
+			out.At = time.Unix(int64(whole), int64((secs-whole)*1e9))
 			return out
 		}
 	case strings.HasPrefix(p, payloadIn):
 		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil && secs > 0 {
-			out.in = time.Duration(secs * float64(time.Second))
+			out.In = time.Duration(secs * float64(time.Second))
 			return out
 		}
 	}
-	out.due = 1
+	out.Due = 1
 	return out
+}
+
+// String says what the payload announces, in words.
+func (p Payload) String() string {
+	var s string
+	switch {
+	case p.Poll:
+		s = "look at the table"
+	case !p.At.IsZero():
+		s = "next job due at " + p.At.UTC().Format(time.RFC3339Nano)
+	case p.In > 0:
+		s = "next job due in " + p.In.String()
+	case p.Due == 1:
+		s = "1 job due"
+	default:
+		s = strconv.FormatInt(p.Due, 10) + " jobs due"
+	}
+	if p.Gated {
+		s += " (gated)"
+	}
+	return s
 }

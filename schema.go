@@ -1,10 +1,6 @@
 package jobwatch
 
-import (
-	"fmt"
-
-	"github.com/jackc/pgx/v5"
-)
+import "fmt"
 
 // The job table's SQL facts, stated once for the triggers, the poller and
 // CreateJobTableSQL.
@@ -37,7 +33,6 @@ func CreateJobTableSQL(tableName string) string {
 	}
 	table := n.table.quoted()
 	typ := n.table.qualify("job_status")
-	index := pgx.Identifier{ownName(indexPrefix, n.table.base())}.Sanitize()
 	return fmt.Sprintf(`DO $$ BEGIN
     CREATE TYPE %[2]s AS ENUM ('job_status_not_started', 'job_status_running',
         'job_status_failed', 'job_status_timed_out', 'job_status_succeeded', 'job_status_retry');
@@ -54,7 +49,13 @@ CREATE TABLE IF NOT EXISTS %[1]s (
     locked_by UUID DEFAULT NULL,
     run_at TIMESTAMP WITH TIME ZONE DEFAULT NOW() NOT NULL
 );
-CREATE INDEX IF NOT EXISTS %[3]s ON %[1]s (run_at)
-    WHERE %[4]s;
-`, table, typ, index, pendingIndexPredicate)
+%[3]s;
+`, table, typ, pendingIndexSQL(n))
+}
+
+// pendingIndexSQL is the statement that creates the recommended partial
+// index on pending jobs.
+func pendingIndexSQL(n names) string {
+	return "CREATE INDEX IF NOT EXISTS " + ident(ownName(indexPrefix, n.table.base())) + " ON " + n.table.quoted() +
+		" (run_at)\n    WHERE " + pendingIndexPredicate
 }

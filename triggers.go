@@ -200,6 +200,19 @@ func hasTrigger(rel, name string, enabled bool) string {
 	return s + ")"
 }
 
+// columnsSQL says what of the job columns table tbl (a regclass
+// expression) lacks: the missing ones of status, run_at and locked_by, as a
+// list (NULL when none), and the type of run_at, which the triggers compare
+// with now(), so that any type but a timestamp would make every INSERT
+// fail.
+func columnsSQL(tbl string) string {
+	return `SELECT (SELECT string_agg(col, ', ') FROM unnest(ARRAY['status', 'run_at', 'locked_by']) AS col
+         WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
+                            WHERE a.attrelid = ` + tbl + ` AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)),
+       (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
+         WHERE a.attrelid = ` + tbl + ` AND a.attname = 'run_at' AND a.attnum > 0 AND NOT a.attisdropped)`
+}
+
 // partitionsSQL lists the partitions of table tbl (a regclass expression)
 // at every level, with what each has of jobwatch's triggers.
 func (n names) partitionsSQL(tbl string) string {
@@ -276,6 +289,7 @@ DECLARE
     row_body text := ` + dollarQuote("jobwatch_fn", n.rowBody()) + `;
     ihp_body text := ` + dollarQuote("jobwatch_fn", n.ihpBody()) + `;
     missing text;
+    run_at_type text;
     st_partitioned bool;
     st_has_insert bool;
     st_has_update bool;
@@ -288,19 +302,12 @@ BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'jobwatch: table % does not exist', ` + raw + ` USING ERRCODE = '42P01';
     END IF;
-    SELECT string_agg(c, ', ') INTO missing
-      FROM unnest(ARRAY['status', 'run_at', 'locked_by']) AS c
-     WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
-                        WHERE a.attrelid = tbl AND a.attname = c AND a.attnum > 0 AND NOT a.attisdropped);
+    SELECT * INTO missing, run_at_type FROM (` + columnsSQL("tbl") + `) s;
     IF missing IS NOT NULL THEN
         RAISE EXCEPTION 'jobwatch: table % lacks column(s) %', ` + raw + `, missing USING ERRCODE = '42703';
     END IF;
-    -- The triggers compare run_at with now(): any other type would make
-    -- every INSERT fail.
-    IF NOT EXISTS (SELECT 1 FROM pg_attribute a
-                    WHERE a.attrelid = tbl AND a.attname = 'run_at' AND NOT a.attisdropped
-                      AND a.atttypid IN ('timestamptz'::regtype, 'timestamp'::regtype)) THEN
-        RAISE EXCEPTION 'jobwatch: column run_at of table % must be a timestamp', ` + raw + ` USING ERRCODE = '42804';
+    IF run_at_type NOT IN ('timestamp with time zone', 'timestamp without time zone') THEN
+        RAISE EXCEPTION 'jobwatch: column run_at of table % must be a timestamp, not %', ` + raw + `, run_at_type USING ERRCODE = '42804';
     END IF;
     SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale
       FROM (` + n.stateSQL("tbl", "stmt_body", "row_body") + `) s;
@@ -360,4 +367,19 @@ BEGIN
 END
 `
 	return "DO " + dollarQuote("jobwatch", block)
+}
+
+// DropNotificationTriggerSQL returns SQL that removes what
+// CreateNotificationTriggerSQL installs, for a down migration: jobwatch's
+// trigger functions and, with them, every trigger that calls them, on the
+// table and on its partitions. IHP's triggers and function, which call
+// nothing of jobwatch's, stay. For a name that is not a valid table name
+// the statement raises an error when run.
+func DropNotificationTriggerSQL(tableName string) string {
+	n, err := deriveNames(tableName)
+	if err != nil {
+		return raiseSQL(err)
+	}
+	return "DROP FUNCTION IF EXISTS " + n.table.qualify(n.function) + "() CASCADE;\n" +
+		"DROP FUNCTION IF EXISTS " + n.table.qualify(n.rowFunction) + "() CASCADE;\n"
 }

@@ -149,22 +149,22 @@ func (w *Watch) notified(msg Notification) {
 		return
 	}
 	w.stats.notifications.Add(1)
-	p := parsePayload(msg.Payload)
-	if p.gated {
+	p := ParsePayload(msg.Payload)
+	if p.Gated {
 		w.poller.trail()
 	}
 	switch {
-	case p.poll:
+	case p.Poll:
 		w.poller.pollSoon()
-	case !p.at.IsZero():
-		w.poller.scheduleAt(p.at)
-	case p.in > 0:
-		w.poller.scheduleIn(p.in)
+	case !p.At.IsZero():
+		w.poller.scheduleAt(p.At)
+	case p.In > 0:
+		w.poller.scheduleIn(p.In)
 	default:
 		// n due jobs need no more wake-ups than the channel has room for:
 		// a woken worker fetches until none is due. One that cannot be
 		// delivered counts as dropped.
-		w.stats.wake(max(min(p.due, w.stats.room()), 1))
+		w.stats.wake(max(min(p.Due, w.stats.room()), 1))
 	}
 }
 

@@ -1,0 +1,299 @@
+package jobwatch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Status is how one check of Diagnose came out.
+type Status int
+
+const (
+	StatusOK   Status = iota // nothing to do
+	StatusWarn               // works, but not as well as it could, or soon may not
+	StatusFail               // workers are not woken, or will not be
+)
+
+// String returns "OK", "WARN" or "FAIL".
+func (s Status) String() string {
+	switch s {
+	case StatusOK:
+		return "OK"
+	case StatusWarn:
+		return "WARN"
+	}
+	return "FAIL"
+}
+
+// Finding is the outcome of one check of Diagnose.
+type Finding struct {
+	Check  string // what was checked: server, table, triggers, privileges, index, jobs, notify queue, delivery
+	Status Status
+	Detail string // what was found
+	Fix    string // what to do; empty for StatusOK
+}
+
+// Diagnose runs, for one job table, every check this package knows for why
+// workers may not be woken, and returns one Finding per check, in this
+// order:
+//
+//   - server: the pool reaches a primary (not a standby);
+//   - table: it exists, with status, locked_by and a timestamp run_at;
+//   - triggers: present (on every partition too), and their function the
+//     one this version installs;
+//   - privileges: whether the pool's role can install the triggers;
+//   - index: the recommended partial index on pending jobs;
+//   - jobs: how many are due and scheduled, and how long the oldest due
+//     one has waited;
+//   - notify queue: pg_notification_queue_usage(), since a full queue makes
+//     every NOTIFY, so every INSERT, fail;
+//   - delivery: a NOTIFY sent through the pool reaches a LISTEN opened on
+//     listenerConnString (the Listener's connection string), the delivery
+//     check a Listener runs (see WithDeliveryCheck), which catches a
+//     transaction-mode pooler, two different databases and a standby.
+//
+// It only reads, except for that one NOTIFY, on a private channel that no
+// worker listens to. It returns an error for a nil pool, an invalid table
+// name or an unparsable connection string; a server that cannot be reached
+// is a failed check.
+func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, tableName string) ([]Finding, error) {
+	n, err := deriveNames(tableName)
+	if err != nil {
+		return nil, fmt.Errorf("jobwatch: diagnose: %w", err)
+	}
+	if pool == nil {
+		return nil, fmt.Errorf("jobwatch: diagnose %s: %w", tableName, ErrNilPool)
+	}
+	l, err := NewListener(listenerConnString, WithLogger(slog.New(slog.DiscardHandler)),
+		WithHealthCheck(0, 0), WithDeliveryCheck(0, defaultDeliveryTimeout))
+	if err != nil {
+		return nil, fmt.Errorf("jobwatch: diagnose %s: %w", tableName, err)
+	}
+	defer l.Close()
+
+	d := diagnosis{pool: pool, names: n}
+	if d.server(ctx) {
+		if d.table(ctx) {
+			current := d.triggers(ctx)
+			d.privileges(ctx, current)
+			d.index(ctx)
+			d.jobs(ctx)
+		}
+		d.queue(ctx)
+	}
+	d.delivery(ctx, l)
+	return d.findings, nil
+}
+
+// diagnosis collects the findings of Diagnose.
+type diagnosis struct {
+	pool     *pgxpool.Pool
+	names    names
+	findings []Finding
+}
+
+func (d *diagnosis) add(check string, status Status, detail, fix string) {
+	d.findings = append(d.findings, Finding{Check: check, Status: status, Detail: detail, Fix: fix})
+}
+
+func (d *diagnosis) tableExpr() string { return "to_regclass(" + quoteLiteral(d.names.table.quoted()) + ")" }
+
+func (d *diagnosis) installFix() string {
+	return "run jobwatch.CreateNotificationTriggerSQL(" + fmt.Sprintf("%q", d.names.table.raw) +
+		") as the table's owner (`jobwatch sql TABLE | psql`), or start a worker whose role may"
+}
+
+// server reports whether the pool reaches a server at all.
+func (d *diagnosis) server(ctx context.Context) bool {
+	var version, database string
+	var recovery bool
+	err := d.pool.QueryRow(ctx, "SELECT current_setting('server_version'), current_database(), pg_is_in_recovery()").
+		Scan(&version, &database, &recovery)
+	switch {
+	case err != nil:
+		d.add("server", StatusFail, "cannot query through the pool: "+err.Error(), "check the connection string and that the server runs")
+		return false
+	case recovery:
+		d.add("server", StatusFail, fmt.Sprintf("PostgreSQL %s, database %s, is a standby in recovery: jobs cannot be inserted or fetched there", version, database),
+			"point the pool at the primary (several hosts with target_session_attrs=read-write follow it)")
+	default:
+		d.add("server", StatusOK, fmt.Sprintf("PostgreSQL %s, database %s, a primary", version, database), "")
+	}
+	return true
+}
+
+// table reports whether the table exists with the job columns.
+func (d *diagnosis) table(ctx context.Context) bool {
+	var kind string
+	var missing, runAtType *string
+	err := d.pool.QueryRow(ctx, `SELECT c.relkind::text, cols.* FROM pg_class c, LATERAL (`+columnsSQL("c.oid")+`) cols
+		WHERE c.oid = `+d.tableExpr()).Scan(&kind, &missing, &runAtType)
+	raw := d.names.table.raw
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		d.add("table", StatusFail, raw+" does not exist", "create it: jobwatch.CreateJobTableSQL gives IHP's schema")
+		return false
+	case err != nil:
+		d.add("table", StatusFail, "cannot read the catalog: "+err.Error(), "")
+		return false
+	case missing != nil:
+		d.add("table", StatusFail, raw+" lacks column(s) "+*missing, "add them: status, run_at (a timestamp) and locked_by")
+		return false
+	case *runAtType != "timestamp with time zone" && *runAtType != "timestamp without time zone":
+		d.add("table", StatusFail, raw+": run_at is "+*runAtType+", the triggers need a timestamp", "make run_at a timestamptz")
+		return false
+	}
+	shape := "a table"
+	if kind == "p" {
+		shape = "a partitioned table"
+	}
+	d.add("table", StatusOK, fmt.Sprintf("%s is %s with status, locked_by and run_at (%s)", raw, shape, *runAtType), "")
+	return true
+}
+
+// triggers checks the triggers and reports whether they are current.
+func (d *diagnosis) triggers(ctx context.Context) bool {
+	s, err := readTriggerState(ctx, d.pool, d.names, false)
+	gated := false
+	if err == nil && s.stale {
+		if g, gerr := readTriggerState(ctx, d.pool, d.names, true); gerr == nil && !g.stale {
+			s, gated = g, true
+		}
+	}
+	switch {
+	case err != nil:
+		d.add("triggers", StatusFail, err.Error(), "")
+		return false
+	case !s.healthy():
+		d.add("triggers", StatusFail, "statements that leave pending jobs notify nobody: "+s.what(), d.installFix())
+		return false
+	case s.stale:
+		d.add("triggers", StatusWarn, "in place, but the trigger function is from another jobwatch version", d.installFix())
+		return false
+	case s.partitioned && s.incomplete > 0:
+		d.add("triggers", StatusWarn, fmt.Sprintf("in place; %d partition(s) still notify through the row trigger, once per row", s.incomplete),
+			d.installFix()+" (a watch with repair does it after its next interval poll)")
+		return false
+	}
+	detail := "insert and update triggers in place, current"
+	if s.partitioned {
+		detail += ", on every partition"
+	}
+	if gated {
+		detail += ", with the notify gate"
+	}
+	d.add("triggers", StatusOK, detail, "")
+	return true
+}
+
+// privileges says whether the pool's role can install the triggers; that
+// it cannot is a failure only when they need installing.
+func (d *diagnosis) privileges(ctx context.Context, current bool) {
+	var owner, create bool
+	err := d.pool.QueryRow(ctx, `SELECT pg_has_role(c.relowner, 'USAGE'), has_schema_privilege(c.relnamespace, 'CREATE')
+		FROM pg_class c WHERE c.oid = `+d.tableExpr()).Scan(&owner, &create)
+	switch {
+	case err != nil:
+		d.add("privileges", StatusFail, "cannot read the catalog: "+err.Error(), "")
+	case owner && create:
+		d.add("privileges", StatusOK, "this role can install and repair the triggers", "")
+	case current:
+		d.add("privileges", StatusOK, "this role cannot install the triggers, and need not: they are installed (by a migration)", "")
+	default:
+		d.add("privileges", StatusFail, "this role cannot install the triggers (it must own the table and may create functions in its schema)", d.installFix())
+	}
+}
+
+func (d *diagnosis) index(ctx context.Context) {
+	var found bool
+	err := d.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = `+d.tableExpr()+`
+		AND pg_get_expr(i.indpred, i.indrelid) LIKE '%job_status_not_started%'
+		AND pg_get_expr(i.indpred, i.indrelid) LIKE '%locked_by IS NULL%')`).Scan(&found)
+	switch {
+	case err != nil:
+		d.add("index", StatusFail, "cannot read the catalog: "+err.Error(), "")
+	case found:
+		d.add("index", StatusOK, "a partial index on pending jobs", "")
+	default:
+		d.add("index", StatusWarn, "no partial index on pending jobs: each poll and fetch reads every pending row's page",
+			pendingIndexSQL(d.names))
+	}
+}
+
+// jobsWaitWarn is how long a due job may wait before Diagnose warns.
+const jobsWaitWarn = time.Minute
+
+func (d *diagnosis) jobs(ctx context.Context) {
+	var due, later int64
+	var oldest *float64
+	t := d.names.table.quoted()
+	err := d.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE run_at <= now()), count(*) FILTER (WHERE run_at > now()),
+		extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
+		FROM `+t+` WHERE `+pendingIndexPredicate).Scan(&due, &later, &oldest)
+	if err != nil {
+		d.add("jobs", StatusFail, "cannot count them: "+err.Error(), "")
+		return
+	}
+	detail := fmt.Sprintf("%d due now, %d scheduled for later", due, later)
+	if oldest == nil {
+		d.add("jobs", StatusOK, detail, "")
+		return
+	}
+	wait := time.Duration(*oldest * float64(time.Second)).Round(time.Millisecond)
+	detail += fmt.Sprintf("; the oldest due job has waited %v", wait)
+	if wait > jobsWaitWarn {
+		d.add("jobs", StatusWarn, detail, "workers are not keeping up, or not running, or not woken: see their logs and the checks above")
+		return
+	}
+	d.add("jobs", StatusOK, detail, "")
+}
+
+func (d *diagnosis) queue(ctx context.Context) {
+	var usage float64
+	if err := d.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage); err != nil {
+		d.add("notify queue", StatusFail, "cannot read it: "+err.Error(), "")
+		return
+	}
+	detail := fmt.Sprintf("%.2f%% used", 100*usage)
+	fix := "a session that LISTENs is not reading its notifications (an idle transaction holds the queue too): the server log names it"
+	switch {
+	case usage >= 0.5:
+		d.add("notify queue", StatusFail, detail+": when it is full, every NOTIFY, and so every INSERT of a job, fails", fix)
+	case usage >= 0.01:
+		d.add("notify queue", StatusWarn, detail, fix)
+	default:
+		d.add("notify queue", StatusOK, detail, "")
+	}
+}
+
+// delivery runs the delivery check's probe, twice at most, through a
+// Listener of its own on the Listener's connection string.
+func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
+	if _, err := l.subscribe(d.names.channel, func(Notification) {}); err != nil || !l.stats.connected.Load() {
+		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+l.lastError(),
+			"point the Listener at the primary, directly or through a session-mode pool")
+		return
+	}
+	c := &deliveryCheck{l: l, pool: d.pool}
+	cause := "nothing arrived"
+	for range 2 {
+		start := time.Now()
+		outcome, why := c.probe(ctx)
+		switch outcome {
+		case probeArrived:
+			d.add("delivery", StatusOK, fmt.Sprintf("a NOTIFY through the pool reached the Listener's connection in %v",
+				time.Since(start).Round(time.Microsecond)), "")
+			return
+		case probeLost:
+			cause = why
+		}
+	}
+	d.add("delivery", StatusFail, "a NOTIFY sent through the pool never reached a LISTEN on the listener's connection string: "+cause,
+		"give the Listener a direct (or session-mode) connection to the pool's database on the primary")
+}
