@@ -139,3 +139,48 @@ func ExampleCreateNotificationTriggerSQL() {
 	fmt.Println(healthy)
 	// Output: true
 }
+
+// Diagnose is what `jobwatch doctor` prints; a worker can serve it on a
+// health endpoint.
+func ExampleDiagnose() {
+	dsn, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+	if err := jobwatch.EnsureNotificationTriggers(ctx, pool, "jobs"); err != nil {
+		log.Fatal(err)
+	}
+	findings, err := jobwatch.Diagnose(ctx, pool, dsn, "jobs")
+	if err != nil {
+		log.Fatal(err)
+	}
+	for _, f := range findings {
+		fmt.Println(f.Status, f.Check)
+	}
+	// Output:
+	// OK server
+	// OK table
+	// OK triggers
+	// OK privileges
+	// OK index
+	// OK jobs
+	// OK notify queue
+	// OK delivery
+}
+
+func ExampleParsePayload() {
+	for _, p := range []string{"", "due:12", "poll", "g:due:3"} {
+		fmt.Println(jobwatch.ParsePayload(p))
+	}
+	// Output:
+	// 1 job due
+	// 12 jobs due
+	// look at the table
+	// 3 jobs due (gated)
+}
+
+func ExampleDropNotificationTriggerSQL() {
+	fmt.Print(jobwatch.DropNotificationTriggerSQL("jobs"))
+	// Output:
+	// DROP FUNCTION IF EXISTS "jobwatch_notify_jobs"() CASCADE;
+	// DROP FUNCTION IF EXISTS "jobwatch_notify_rows_jobs"() CASCADE;
+}
