@@ -257,9 +257,6 @@ func (c *deliveryCheck) diagnose(ctx context.Context) string {
 func (c *deliveryCheck) set(working bool, cause string) {
 	c.mu.Lock()
 	changed := c.working != working
-	if changed {
-		c.working, c.changedAt = working, time.Now()
-	}
 	watches := make([]*Watch, 0, len(c.watches))
 	for w := range c.watches {
 		watches = append(watches, w)
@@ -274,9 +271,13 @@ func (c *deliveryCheck) set(working bool, cause string) {
 			"cause", cause, "fallback_poll", fallbackOf(watches))
 	}
 	if changed {
+		// The watches first, then the state their Stats report.
 		for _, w := range watches {
 			w.deliveryChanged(working)
 		}
+		c.mu.Lock()
+		c.working, c.changedAt = working, time.Now()
+		c.mu.Unlock()
 	}
 }
 

@@ -102,7 +102,9 @@ func (d *diagnosis) add(check string, status Status, detail, fix string) {
 	d.findings = append(d.findings, Finding{Check: check, Status: status, Detail: detail, Fix: fix})
 }
 
-func (d *diagnosis) tableExpr() string { return "to_regclass(" + quoteLiteral(d.names.table.quoted()) + ")" }
+func (d *diagnosis) tableExpr() string {
+	return "to_regclass(" + quoteLiteral(d.names.table.quoted()) + ")"
+}
 
 func (d *diagnosis) installFix() string {
 	return "run jobwatch.CreateNotificationTriggerSQL(" + fmt.Sprintf("%q", d.names.table.raw) +
@@ -159,11 +161,11 @@ func (d *diagnosis) table(ctx context.Context) bool {
 
 // triggers checks the triggers and reports whether they are current.
 func (d *diagnosis) triggers(ctx context.Context) bool {
-	s, err := readTriggerState(ctx, d.pool, d.names, false)
-	gated := false
+	s, err := readTriggerState(ctx, d.pool, d.names, true)
+	gated := true
 	if err == nil && s.stale {
-		if g, gerr := readTriggerState(ctx, d.pool, d.names, true); gerr == nil && !g.stale {
-			s, gated = g, true
+		if g, gerr := readTriggerState(ctx, d.pool, d.names, false); gerr == nil && !g.stale {
+			s, gated = g, false
 		}
 	}
 	switch {
@@ -185,8 +187,8 @@ func (d *diagnosis) triggers(ctx context.Context) bool {
 	if s.partitioned {
 		detail += ", on every partition"
 	}
-	if gated {
-		detail += ", with the notify gate"
+	if !gated {
+		detail += ", without the notify gate"
 	}
 	d.add("triggers", StatusOK, detail, "")
 	return true

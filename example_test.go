@@ -183,4 +183,5 @@ func ExampleDropNotificationTriggerSQL() {
 	// Output:
 	// DROP FUNCTION IF EXISTS "jobwatch_notify_jobs"() CASCADE;
 	// DROP FUNCTION IF EXISTS "jobwatch_notify_rows_jobs"() CASCADE;
+	// DROP SEQUENCE IF EXISTS "jobwatch_skips_jobs";
 }

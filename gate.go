@@ -1,8 +1,25 @@
 package jobwatch
 
-// The notify gate (WithNotifyGate): of the transactions inserting jobs at
-// the same time only one notifies; the others hold a marker lock until they
-// end, and the watches' trailing polls find their jobs.
+// The notify gate, on by default (see WithNotifyGate).
+//
+// PostgreSQL commits the transactions that NOTIFY one at a time: each
+// holds a global lock from just before its commit until after its disk
+// flush. With a NOTIFY in every transaction that inserts a job, concurrent
+// producers commit in single file. The gate lets one transaction per table
+// notify at a time, the one that holds the table's notify key (a
+// transaction-level advisory lock) until it ends; the others skip their
+// NOTIFY and commit in parallel.
+//
+// A skipped job is not lost. A skipping transaction holds the skip key in
+// shared mode until it ends, so that "a skipper is open" can be seen, and
+// bumps the table's skip counter, a sequence, whose value every session
+// sees at once, commit or not. A watch checks the counter after each gated
+// notification and every gateCheckEvery besides; when it moved, or when a
+// skipper it saw open has ended, it polls; while a skipper is open it
+// checks again, 5ms later, then backing off to gateCheckEvery. So a skipped
+// job is woken within gateCheckEvery of its commit whatever the key's
+// holder does (stay open for a minute, roll back, die), and within a few
+// milliseconds under load, where gated notifications come all the time.
 
 // The gate's advisory lock keys: the first int4 of each, the second being
 // hashtext(channel).
@@ -13,18 +30,25 @@ const (
 
 // gateStatementSQL is the part of the statement trigger's body that makes
 // a transaction skip its NOTIFY when another one holds the notify key.
-// Every notifying transaction first takes the skip key in shared mode, so
-// that a watch can tell whether a skipper is still open (skippersOpenSQL).
-func gateStatementSQL(channelLiteral string) string {
+// An INSERT takes part at once, before it looks at its rows: nearly every
+// INSERT into a job table adds a pending job, and this keeps a skipper's
+// cost to three function calls.
+func gateStatementSQL(channelLiteral, counterLiteral string) string {
 	return `
-    PERFORM pg_advisory_xact_lock_shared(` + gateSkipKey + `, hashtext(` + channelLiteral + `));
     IF NOT pg_try_advisory_xact_lock(` + gateNotifyKey + `, hashtext(` + channelLiteral + `)) THEN
+        -- Another open transaction holds the notify key and notifies when
+        -- it ends. Skip, and say so (see Poller): the skip key, held until
+        -- this transaction ends, and the skip counter.
+        PERFORM pg_advisory_xact_lock_shared(` + gateSkipKey + `, hashtext(` + channelLiteral + `));
+        PERFORM nextval(c) FROM to_regclass(` + counterLiteral + `) c WHERE c IS NOT NULL;
         RETURN NULL;
     END IF;`
 }
 
-// skippersOpenSQL is true, for the channel $1, while a transaction that
-// skipped its notification is open: such transactions hold the skip key in
-// shared mode, so an exclusive try fails.
-const skippersOpenSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock(` + gateSkipKey + `, hashtext($1))
-	THEN pg_advisory_unlock(` + gateSkipKey + `, hashtext($1)) ELSE false END`
+// gateCheckSQL says, for the channel $1 and the skip counter $2 (a name),
+// whether a skipping transaction is still open (it holds the skip key in
+// shared mode, so an exclusive try fails) and the counter's value (0 before
+// its first skip, or when it does not exist).
+const gateCheckSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock(` + gateSkipKey + `, hashtext($1))
+	THEN pg_advisory_unlock(` + gateSkipKey + `, hashtext($1)) ELSE false END,
+	coalesce(pg_sequence_last_value(to_regclass($2)), 0)`

@@ -29,6 +29,7 @@ type triggerState struct {
 	uncovered   int // partitions whose statements notify nobody
 	incomplete  int // partitions lacking statement triggers or firing the row trigger
 	stale       bool
+	hasCounter  bool // the notify gate's skip counter
 }
 
 // healthy reports whether every statement that leaves a pending job
@@ -41,7 +42,7 @@ func (s triggerState) healthy() bool {
 // partition's triggers missing or, with bodies, a function body that is not
 // this version's.
 func (s triggerState) needsInstall(bodies bool) bool {
-	return !s.hasInsert || !s.hasUpdate || (s.partitioned && (!s.hasRow || s.incomplete > 0)) || (bodies && s.stale)
+	return !s.hasInsert || !s.hasUpdate || !s.hasCounter || (s.partitioned && (!s.hasRow || s.incomplete > 0)) || (bodies && s.stale)
 }
 
 // what says, for a log line, what needsInstall found.
@@ -59,6 +60,9 @@ func (s triggerState) what() string {
 	if s.stale {
 		parts = append(parts, "trigger function from another jobwatch version")
 	}
+	if !s.hasCounter {
+		parts = append(parts, "skip counter missing")
+	}
 	return strings.Join(parts, ", ")
 }
 
@@ -66,7 +70,7 @@ func readTriggerState(ctx context.Context, q db, n names, gate bool) (triggerSta
 	tbl := "to_regclass(" + quoteLiteral(n.table.quoted()) + ")"
 	var s triggerState
 	err := q.QueryRow(ctx, n.stateSQL(tbl, "$1::text", "$2::text"), n.statementBody(gate), n.rowBody()).
-		Scan(&s.partitioned, &s.hasInsert, &s.hasUpdate, &s.hasRow, &s.uncovered, &s.incomplete, &s.stale)
+		Scan(&s.partitioned, &s.hasInsert, &s.hasUpdate, &s.hasRow, &s.uncovered, &s.incomplete, &s.stale, &s.hasCounter)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return s, nil

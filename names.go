@@ -27,6 +27,7 @@ const (
 	partUpdateTriggerPrefix = "jobwatch_update_"
 	rowTriggerPrefix        = "jobwatch_rows_"
 	rowFunctionPrefix       = "jobwatch_notify_rows_"
+	counterPrefix           = "jobwatch_skips_"
 	indexPrefix             = "jobwatch_pending_"
 )
 
@@ -231,6 +232,7 @@ type names struct {
 	partUpdateTrigger string
 	rowTrigger        string // row trigger of a partitioned table, see triggerSQL
 	rowFunction       string
+	counter           string // the notify gate's skip counter, a sequence (see gate.go)
 	// setting is the custom run-time setting in which a transaction keeps
 	// what it has already announced on the channel.
 	setting string
@@ -255,6 +257,7 @@ func deriveNames(tableName string) (names, error) {
 		partUpdateTrigger: ownName(partUpdateTriggerPrefix, b),
 		rowTrigger:        ownName(rowTriggerPrefix, b),
 		rowFunction:       ownName(rowFunctionPrefix, b),
+		counter:           ownName(counterPrefix, b),
 		setting:           "jobwatch.t" + hex.EncodeToString(sum[:8]),
 	}, nil
 }

@@ -36,7 +36,8 @@ type Poller struct {
 	pollNow   bool
 	fallback  time.Duration // when set, the interval while notifications do not arrive
 	scheduled time.Time     // when the earliest known future job is due; zero if none
-	trailAt   time.Time     // when to look for jobs whose notification the gate skipped; zero if not
+	gateAt    time.Time     // when to check the notify gate next; zero if not
+	gate      gateState     // owned by run
 	offset    time.Duration // the server's clock minus ours, as the last poll saw it
 
 	problems problemLog
@@ -210,9 +211,6 @@ func (p *Poller) scheduleAt(t time.Time) {
 	p.scheduleIn(time.Until(t.Add(-offset)))
 }
 
-// trail asks for the trailing polls of the notify gate (see WithNotifyGate).
-func (p *Poller) trail() { p.trailIn(trailDelay) }
-
 // setFallback makes the poller poll every d instead of its interval (d 0:
 // back to the interval), for while notifications do not arrive.
 func (p *Poller) setFallback(d time.Duration) {
@@ -247,19 +245,19 @@ func (p *Poller) run(ctx context.Context) {
 		}
 		reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
 		intervalPoll := !now.Before(nextInterval)
-		trailing := reached(p.trailAt)
-		due := p.pollNow || intervalPoll || trailing || reached(p.scheduled)
+		gateCheck := reached(p.gateAt)
+		due := p.pollNow || intervalPoll || reached(p.scheduled)
 		if due {
 			p.pollNow = false
 			if reached(p.scheduled) {
 				p.scheduled = time.Time{}
 			}
-			if trailing {
-				p.trailAt = time.Time{}
-			}
+		}
+		if gateCheck {
+			p.gateAt = time.Time{}
 		}
 		wakeAt := nextInterval
-		for _, t := range []time.Time{p.scheduled, p.trailAt} {
+		for _, t := range []time.Time{p.scheduled, p.gateAt} {
 			if !t.IsZero() && t.Before(wakeAt) {
 				wakeAt = t
 			}
@@ -267,6 +265,11 @@ func (p *Poller) run(ctx context.Context) {
 		fallback := p.fallback
 		p.mu.Unlock()
 
+		// The gate's check runs first: the poll that may follow then sees
+		// every skipper that had ended when it ran.
+		if gateCheck && p.checkGate(ctx) {
+			due = true
+		}
 		if due {
 			if intervalPoll {
 				lastInterval = now
@@ -275,11 +278,6 @@ func (p *Poller) run(ctx context.Context) {
 				} else {
 					nextInterval = now.Add(p.interval + p.jitter())
 				}
-			}
-			if trailing && p.skippersOpen(ctx) {
-				// A transaction that skipped its notification is still
-				// open: look again after it may have committed.
-				p.trailIn(trailDelay)
 			}
 			p.poll(ctx)
 			if ctx.Err() != nil {
@@ -291,6 +289,9 @@ func (p *Poller) run(ctx context.Context) {
 				p.installer.request(false)
 			}
 			continue
+		}
+		if gateCheck {
+			continue // it set the next check
 		}
 
 		timer.Reset(time.Until(wakeAt))
@@ -309,24 +310,62 @@ func (p *Poller) run(ctx context.Context) {
 	}
 }
 
-// trailDelay is how long after a gated notification (see WithNotifyGate)
-// the poller looks for jobs of transactions that skipped theirs, and how
-// often it looks again while such a transaction is open.
-const trailDelay = 5 * time.Millisecond
+// How a watch follows the notify gate (see gate.go): after a gated
+// notification it checks at once, while a skipper is open again after
+// gateTrail doubling to gateCheckEvery, and every gateCheckEvery besides.
+const (
+	gateTrail      = 5 * time.Millisecond
+	gateCheckEvery = 500 * time.Millisecond
+)
 
-// trailIn asks for a trailing poll after d unless one is due sooner.
-func (p *Poller) trailIn(d time.Duration) { p.setEarlier(&p.trailAt, time.Now().Add(d)) }
+// gateState is what the poller's last check of the gate saw.
+type gateState struct {
+	on      bool   // the poller follows the gate (a watch of gated triggers)
+	counter string // the skip counter's name
+	checked bool   // a check has run
+	skips   int64  // the counter at the last check
+	open    bool   // a skipper was open then
+	trail   backoff
+}
 
-// skippersOpen reports whether a transaction that skipped its notification
-// under the notify gate is still open. It runs before the poll's own
-// statement, whose snapshot then sees every such transaction that had
-// ended.
-func (p *Poller) skippersOpen(ctx context.Context) bool {
-	var open bool
-	if err := p.pool.QueryRow(ctx, skippersOpenSQL, p.names.channel).Scan(&open); err != nil {
-		return true // cannot tell: look again
+// followGate makes the poller check the notify gate (a watch's poller, when
+// the triggers are gated). Call it before start.
+func (p *Poller) followGate() {
+	p.gate = gateState{on: true, counter: p.names.table.qualify(p.names.counter),
+		trail: backoff{min: gateTrail, max: gateCheckEvery}}
+	p.gateAt = time.Now()
+}
+
+// gateNow asks for a check of the gate now: a gated notification came.
+func (p *Poller) gateNow() {
+	if p.gate.on {
+		p.setEarlier(&p.gateAt, time.Now())
 	}
-	return open
+}
+
+// checkGate reads the skip counter and whether a skipper is open, sets the
+// next check, and reports whether to poll: when the counter moved (a skip
+// happened since the last check) or a skipper was open at the last check
+// (it may have committed since; while one stays open, every check polls,
+// so that the others' jobs are not held up by it).
+func (p *Poller) checkGate(ctx context.Context) bool {
+	g := &p.gate
+	var open bool
+	var skips int64
+	err := p.pool.QueryRow(ctx, gateCheckSQL, p.names.channel, g.counter).Scan(&open, &skips)
+	next := gateCheckEvery
+	poll := false
+	if err == nil {
+		poll = g.open || (g.checked && skips != g.skips)
+		g.checked, g.skips, g.open = true, skips, open
+		if open {
+			next = g.trail.delay()
+		} else {
+			g.trail.reset()
+		}
+	}
+	p.setEarlier(&p.gateAt, time.Now().Add(next))
+	return poll
 }
 
 func (p *Poller) jitter() time.Duration {

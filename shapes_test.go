@@ -133,12 +133,12 @@ func TestPartitionedTable(t *testing.T) {
 	o := observe(t, d, "jobs")
 	done := "UPDATE jobs SET status = 'job_status_succeeded'" // leaves nothing pending: notifies nobody
 	for _, c := range []struct{ stmt, want string }{
-		{"INSERT INTO jobs (queue) VALUES ('a')", ""},
-		{"INSERT INTO jobs_a DEFAULT VALUES", ""},
-		{"INSERT INTO jobs_bc (queue) VALUES ('b')", ""},
-		{"INSERT INTO jobs_b (queue) VALUES ('b')", ""},
-		{"UPDATE jobs_a SET status = 'job_status_retry'", "due:2"},
-		{"UPDATE jobs_b SET status = 'job_status_retry'", "due:2"},
+		{"INSERT INTO jobs (queue) VALUES ('a')", "g:"},
+		{"INSERT INTO jobs_a DEFAULT VALUES", "g:"},
+		{"INSERT INTO jobs_bc (queue) VALUES ('b')", "g:"},
+		{"INSERT INTO jobs_b (queue) VALUES ('b')", "g:"},
+		{"UPDATE jobs_a SET status = 'job_status_retry'", "g:due:2"},
+		{"UPDATE jobs_b SET status = 'job_status_retry'", "g:due:2"},
 		{"UPDATE jobs_bc SET status = 'job_status_retry' WHERE false", "none"},
 	} {
 		want := []string{c.want}
@@ -147,8 +147,8 @@ func TestPartitionedTable(t *testing.T) {
 		}
 		assert.Equal(t, want, o.sent(t, c.stmt, done), c.stmt)
 	}
-	assert.Equal(t, []string{"due:1000"}, o.sent(t, "INSERT INTO jobs_a SELECT FROM generate_series(1, 1000)", done))
-	assert.Equal(t, []string{"due:600"}, o.sent(t,
+	assert.Equal(t, []string{"g:due:1000"}, o.sent(t, "INSERT INTO jobs_a SELECT FROM generate_series(1, 1000)", done))
+	assert.Equal(t, []string{"g:due:600"}, o.sent(t,
 		"INSERT INTO jobs (queue) SELECT (ARRAY['a', 'b'])[1 + i % 2] FROM generate_series(1, 600) i", done))
 
 	// Partitions that come later: their rows notify at once through their
@@ -162,16 +162,16 @@ func TestPartitionedTable(t *testing.T) {
 		if len(got) == 1 && got[0] == "poll" {
 			continue // the row trigger, before the repair
 		}
-		assert.Equal(t, []string{""}, got, stmt+": the repair came first")
+		assert.Equal(t, []string{"g:"}, got, stmt+": the repair came first")
 	}
 	eventually(t, "the watch installs triggers on the new partitions", func() bool {
 		s := partitionState(t, d, "jobs")
 		return s["jobs_c"] == "statement=2 row=false" && s["jobs_d"] == "statement=2 row=false"
 	})
 	for _, stmt := range []string{"INSERT INTO jobs_c (queue) VALUES ('c')", "INSERT INTO jobs_d (queue) VALUES ('d')"} {
-		assert.Equal(t, []string{""}, o.sent(t, stmt, done), stmt)
+		assert.Equal(t, []string{"g:"}, o.sent(t, stmt, done), stmt)
 	}
-	assert.Equal(t, []string{"due:50"}, o.sent(t, "INSERT INTO jobs_c (queue) SELECT 'c' FROM generate_series(1, 50)", done))
+	assert.Equal(t, []string{"g:due:50"}, o.sent(t, "INSERT INTO jobs_c (queue) SELECT 'c' FROM generate_series(1, 50)", done))
 
 	// The watch itself is woken by a statement naming a partition.
 	drain(ch)
@@ -200,7 +200,7 @@ func TestPartitionRowTriggerBeforeRepair(t *testing.T) {
 	assert.True(t, healthy, "covered by the row trigger")
 	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
 	assert.Equal(t, map[string]string{"jobs_x": "statement=2 row=false"}, partitionState(t, d, "jobs"))
-	assert.Equal(t, []string{"due:100"}, o.sent(t, "INSERT INTO jobs_x (queue) SELECT 'x' FROM generate_series(1, 100)"))
+	assert.Equal(t, []string{"g:due:100"}, o.sent(t, "INSERT INTO jobs_x (queue) SELECT 'x' FROM generate_series(1, 100)"))
 }
 
 // TestTransactionBoundsNotifications: however many statements one
@@ -227,15 +227,15 @@ func TestTransactionBoundsNotifications(t *testing.T) {
 		return fmt.Sprintf("INSERT INTO jobs (run_at) VALUES (now() + interval '1 hour' + %d * interval '1 ms')", i)
 	})
 	assert.Len(t, got, 1, "%v", got)
-	assert.True(t, strings.HasPrefix(got[0], "at:"), got[0])
+	assert.True(t, strings.HasPrefix(got[0], "g:at:"), got[0])
 
 	// Due now: PostgreSQL merges the identical payloads.
-	assert.Equal(t, []string{""}, many(func(int) string { return "INSERT INTO jobs (status) VALUES ('job_status_retry')" }))
+	assert.Equal(t, []string{"g:"}, many(func(int) string { return "INSERT INTO jobs (status) VALUES ('job_status_retry')" }))
 	d.exec(t, "UPDATE jobs SET status = 'job_status_succeeded'")
 
 	// Counts that all differ: bounded.
 	got = many(func(i int) string { return fmt.Sprintf("INSERT INTO jobs SELECT FROM generate_series(1, %d)", i+2) })
-	assert.Equal(t, []string{"due:2", "due:3", "due:4", "due:5", "poll"}, got)
+	assert.Equal(t, []string{"g:due:2", "g:due:3", "g:due:4", "g:due:5", "g:poll"}, got)
 	d.exec(t, "UPDATE jobs SET status = 'job_status_succeeded'")
 	drain(ch)
 
@@ -245,7 +245,7 @@ func TestTransactionBoundsNotifications(t *testing.T) {
 		return fmt.Sprintf("INSERT INTO jobs (run_at) VALUES (now() + interval '300 ms' + %d * interval '1 ms')", 1000-i)
 	})
 	assert.LessOrEqual(t, len(got), 5, "%v", got)
-	assert.Equal(t, "poll", got[len(got)-1])
+	assert.Equal(t, "g:poll", got[len(got)-1])
 	waitWake(t, ch, "the earliest scheduled job")
 	var due bool
 	require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT min(run_at) <= now() FROM jobs WHERE status = 'job_status_not_started'").Scan(&due))
@@ -264,17 +264,17 @@ func TestTableShapes(t *testing.T) {
 	}{
 		{name: "status as a domain over text", table: "status job_state NOT NULL DEFAULT 'job_status_not_started', locked_by uuid, run_at timestamptz NOT NULL DEFAULT now()",
 			setup: "CREATE DOMAIN job_state AS text CHECK (VALUE LIKE 'job_status_%')",
-			stmts: []string{"INSERT INTO jobs DEFAULT VALUES"}, want: []string{""}},
+			stmts: []string{"INSERT INTO jobs DEFAULT VALUES"}, want: []string{"g:"}},
 		{name: "INSERT ON CONFLICT DO UPDATE", table: "id int PRIMARY KEY, status text NOT NULL DEFAULT 'job_status_not_started', locked_by uuid, run_at timestamptz NOT NULL DEFAULT now()",
 			stmts: []string{"INSERT INTO jobs (id, status) VALUES (1, 'job_status_failed')",
 				"INSERT INTO jobs (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET status = 'job_status_retry'"},
-			want: []string{""}},
+			want: []string{"g:"}},
 		{name: "MERGE", table: "id int PRIMARY KEY, status text NOT NULL DEFAULT 'job_status_not_started', locked_by uuid, run_at timestamptz NOT NULL DEFAULT now()",
 			stmts: []string{"MERGE INTO jobs j USING (SELECT 1 AS id) s ON j.id = s.id WHEN NOT MATCHED THEN INSERT (id) VALUES (s.id)",
 				"MERGE INTO jobs j USING (SELECT 1 AS id) s ON j.id = s.id WHEN MATCHED THEN UPDATE SET status = 'job_status_retry'"},
-			want: []string{"", ""}},
+			want: []string{"g:", "g:"}},
 		{name: "row-level security", table: "id int, status text NOT NULL DEFAULT 'job_status_not_started', locked_by uuid, run_at timestamptz NOT NULL DEFAULT now()",
-			setup: "", stmts: []string{"INSERT INTO jobs (id) VALUES (1), (2)"}, want: []string{"due:2"}},
+			setup: "", stmts: []string{"INSERT INTO jobs (id) VALUES (1), (2)"}, want: []string{"g:due:2"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -313,7 +313,7 @@ func TestCopyNotifies(t *testing.T) {
 		require.NoError(t, err)
 		require.EqualValues(t, 3, n)
 	})
-	assert.Equal(t, []string{"due:2"}, got)
+	assert.Equal(t, []string{"g:due:2"}, got)
 }
 
 // TestRunAtWithoutTimeZone: a run_at without time zone is read in the

@@ -107,41 +107,40 @@ func dollarQuote(tag, body string) string {
 // statement triggers call.
 func (n names) statementBody(gate bool) string {
 	ch := quoteLiteral(n.channel)
-	prefix := "''"
-	gateSQL := ""
+	bound := strconv.Itoa(maxAnnouncements)
+	// status::text: the column may be IHP's job_status enum, text or a
+	// domain over text, and comparing as text cannot fail on an enum that
+	// lacks one of the labels. One pass over the statement's rows.
+	look := `
+        SELECT count(*) FILTER (WHERE j.run_at <= now()), min(j.run_at) FILTER (WHERE j.run_at > now())
+          INTO due, next_at FROM ` + transitionTable + ` j
+         WHERE j.status::text IN (` + pendingStatuses + `);`
+	prefix, decide := "''", `
+    IF TRUE THEN`+look+`
+    END IF;`
 	if gate {
 		prefix = quoteLiteral(payloadGated)
-		gateSQL = gateStatementSQL(ch)
+		decide = `
+    -- An UPDATE rarely leaves a job pending (a fetch or a completion does
+    -- not): it looks first, and only then takes part in the gate.
+    IF TG_OP = 'UPDATE' THEN` + look + `
+        IF due = 0 AND next_at IS NULL THEN
+            RETURN NULL;
+        END IF;
+    END IF;` + gateStatementSQL(ch, quoteLiteral(n.table.qualify(n.counter))) + `
+    IF TG_OP = 'INSERT' THEN` + look + `
+    END IF;`
 	}
-	bound := strconv.Itoa(maxAnnouncements)
 	return `
 DECLARE
-    due bigint;
+    due bigint := 0;
     next_at timestamptz;
     state text;
     sent int;
     announced numeric;
     announce text[] := '{}';
     payload text;
-BEGIN
-    -- status::text: the column may be IHP's job_status enum, text or a
-    -- domain over text, and comparing as text cannot fail on an enum that
-    -- lacks one of the labels. Due rows are counted up to ` + strconv.Itoa(maxDueCount) + `: no watch
-    -- wakes more workers than that.
-    SELECT count(*) INTO due FROM (SELECT 1 FROM ` + transitionTable + ` j
-     WHERE j.status::text IN (` + pendingStatuses + `) AND j.run_at <= now()
-     LIMIT ` + strconv.Itoa(maxDueCount) + `) d;
-    SELECT min(j.run_at) INTO next_at FROM ` + transitionTable + ` j
-     WHERE j.status::text IN (` + pendingStatuses + `) AND j.run_at > now();
-    IF due = 0 AND next_at IS NULL THEN
-        RETURN NULL;
-    END IF;` + gateSQL + `
-    IF due = 1 THEN
-        PERFORM pg_notify(` + ch + `, ` + prefix + `);
-    END IF;
-    IF due < 2 AND next_at IS NULL THEN
-        RETURN NULL;
-    END IF;
+BEGIN` + decide + `
     -- What this transaction has announced on the channel so far: how many
     -- counts and times, and the earliest time. PostgreSQL merges identical
     -- notifications of a transaction, but not these, so past ` + bound + ` the
@@ -150,8 +149,10 @@ BEGIN
     state := current_setting(` + quoteLiteral(n.setting) + `, true);
     sent := coalesce(nullif(split_part(state, ' ', 1), '')::int, 0);
     announced := nullif(split_part(state, ' ', 2), '')::numeric;
-    IF due > 1 THEN
-        announce := announce || ('` + payloadDue + `' || due);
+    IF due = 1 THEN
+        announce := announce || ''::text; -- merged with the transaction's other ones: not counted
+    ELSIF due > 1 THEN
+        announce := announce || ('` + payloadDue + `' || least(due, ` + strconv.Itoa(maxDueCount) + `));
     END IF;
     -- The time is absolute, on the server's clock: the notification is
     -- delivered at commit, however long after this statement that is.
@@ -160,11 +161,13 @@ BEGIN
         announce := announce || ('` + payloadAt + `' || announced);
     END IF;
     FOREACH payload IN ARRAY announce LOOP
-        IF sent >= ` + bound + ` THEN
-            payload := '` + payloadPoll + `';
+        IF payload <> '' THEN
+            IF sent >= ` + bound + ` THEN
+                payload := '` + payloadPoll + `';
+            END IF;
+            sent := sent + 1;
         END IF;
         PERFORM pg_notify(` + ch + `, ` + prefix + ` || payload);
-        sent := sent + 1;
     END LOOP;
     PERFORM set_config(` + quoteLiteral(n.setting) + `, sent || ' ' || coalesce(announced::text, ''), true);
     RETURN NULL;
@@ -232,7 +235,7 @@ func (n names) partitionsSQL(tbl string) string {
 // has_update, has_row, uncovered (partitions whose statements notify
 // nobody), incomplete (partitions lacking their statement triggers or
 // still firing the row trigger), stale (a function of jobwatch's has
-// another body).
+// another body), has_counter (the gate's skip counter exists).
 func (n names) stateSQL(tbl, stmtBody, rowBody string) string {
 	sameBody := func(fn, body string) string {
 		return "EXISTS (SELECT 1 FROM pg_proc WHERE oid = to_regprocedure(" + quoteLiteral(fn+"()") +
@@ -245,7 +248,8 @@ SELECT c.relkind = 'p',
        ` + hasTrigger("c.oid", n.rowTrigger, false) + `,
        (SELECT count(*)::int FROM parts WHERE NOT (has_insert AND has_update) AND NOT (leaf AND row_on)),
        (SELECT count(*)::int FROM parts WHERE NOT (has_insert AND has_update) OR (leaf AND row_on)),
-       ` + sameBody(n.table.qualify(n.function), stmtBody) + ` OR ` + sameBody(n.table.qualify(n.rowFunction), rowBody) + `
+       ` + sameBody(n.table.qualify(n.function), stmtBody) + ` OR ` + sameBody(n.table.qualify(n.rowFunction), rowBody) + `,
+       to_regclass(` + quoteLiteral(n.table.qualify(n.counter)) + `) IS NOT NULL
   FROM pg_class c WHERE c.oid = ` + tbl
 }
 
@@ -297,6 +301,7 @@ DECLARE
     st_uncovered int;
     st_incomplete int;
     st_stale bool;
+    st_has_counter bool;
     part record;
 BEGIN
     IF tbl IS NULL THEN
@@ -309,10 +314,10 @@ BEGIN
     IF run_at_type NOT IN ('timestamp with time zone', 'timestamp without time zone') THEN
         RAISE EXCEPTION 'jobwatch: column run_at of table % must be a timestamp, not %', ` + raw + `, run_at_type USING ERRCODE = '42804';
     END IF;
-    SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale
+    SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale, st_has_counter
       FROM (` + n.stateSQL("tbl", "stmt_body", "row_body") + `) s;
     -- Current: nothing to do, so no lock and no DDL.
-    IF st_has_insert AND st_has_update AND NOT st_stale AND (NOT st_partitioned OR (st_has_row AND st_incomplete = 0)) THEN
+    IF st_has_insert AND st_has_update AND NOT st_stale AND st_has_counter AND (NOT st_partitioned OR (st_has_row AND st_incomplete = 0)) THEN
         RETURN;
     END IF;
     SET LOCAL lock_timeout = '1s';
@@ -320,8 +325,14 @@ BEGIN
         RAISE EXCEPTION 'jobwatch: notification trigger installation already in progress for %', ` + raw + ` USING ERRCODE = '55P03';
     END IF;
     -- Read again under the lock: another installer may just have finished.
-    SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale
+    SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale, st_has_counter
       FROM (` + n.stateSQL("tbl", "stmt_body", "row_body") + `) s;
+    IF NOT st_has_counter THEN
+        -- The notify gate's skip counter (see WithNotifyGate): every
+        -- producer may bump it, every watch read it.
+        CREATE SEQUENCE IF NOT EXISTS ` + n.table.qualify(n.counter) + ` OWNED BY ` + table + `.run_at;
+        GRANT USAGE, SELECT, UPDATE ON SEQUENCE ` + n.table.qualify(n.counter) + ` TO PUBLIC;
+    END IF;
     IF st_stale OR to_regprocedure(` + quoteLiteral(fn+"()") + `) IS NULL THEN
         ` + createFunction(fn, "stmt_body") + `
     END IF;
@@ -381,5 +392,6 @@ func DropNotificationTriggerSQL(tableName string) string {
 		return raiseSQL(err)
 	}
 	return "DROP FUNCTION IF EXISTS " + n.table.qualify(n.function) + "() CASCADE;\n" +
-		"DROP FUNCTION IF EXISTS " + n.table.qualify(n.rowFunction) + "() CASCADE;\n"
+		"DROP FUNCTION IF EXISTS " + n.table.qualify(n.rowFunction) + "() CASCADE;\n" +
+		"DROP SEQUENCE IF EXISTS " + n.table.qualify(n.counter) + ";\n"
 }

@@ -311,32 +311,6 @@ func TestTriggerSQLBodies(t *testing.T) {
 	assert.Equal(t, 3, strings.Count(sql, "_body text := $jobwatch_fn0$"), sql)
 }
 
-// TestNotifyGate: of two transactions inserting at once, only the first
-// notifies; the second's job is found by the watch's trailing polls, which
-// go on while it is open, once it commits (the poll interval is an hour).
-func TestNotifyGate(t *testing.T) {
-	t.Parallel()
-	d := newDB(t)
-	_, opt := newLogs(t)
-	w, ch, _ := startWatch(t, d, "jobs", time.Hour, 10, opt, jobwatch.WithNotifyGate(true))
-	leader := beginWith(t, d, "INSERT INTO jobs DEFAULT VALUES")
-	skipper := beginWith(t, d, "INSERT INTO jobs DEFAULT VALUES")
-	ctx := ctxT(t)
-	require.NoError(t, leader.Commit(ctx))
-	waitWake(t, ch, "the leader's notification")
-	polls := w.Stats().Polls
-	eventually(t, "trailing polls while the skipper is open", func() bool { return w.Stats().Polls > polls+2 })
-	drain(ch)
-	require.NoError(t, skipper.Commit(ctx))
-	waitWake(t, ch, "the skipped job, found by a trailing poll")
-	assert.EqualValues(t, 1, w.Stats().Notifications, "the second transaction did not notify")
-
-	// Without contention every transaction notifies.
-	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
-	waitWake(t, ch, "uncontended insert")
-	eventually(t, "notified", func() bool { return w.Stats().Notifications == 2 })
-}
-
 func TestQuoteTableName(t *testing.T) {
 	t.Parallel()
 	for in, want := range map[string]string{

@@ -104,6 +104,9 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	w := &Watch{listener: listener, stats: stats, fallback: o.fallbackPoll, startedAt: time.Now(), done: make(chan struct{})}
 	inst := newInstaller(pool, n, o, stats)
 	w.poller = newPoller(pool, n, pollInterval, o, stats, inst, repair)
+	if o.gate {
+		w.poller.followGate()
+	}
 	// A first attempt now, so that the triggers are in place when this
 	// returns; on failure the installer goes on by itself.
 	if !inst.check(ctx, true) {
@@ -151,7 +154,7 @@ func (w *Watch) notified(msg Notification) {
 	w.stats.notifications.Add(1)
 	p := ParsePayload(msg.Payload)
 	if p.Gated {
-		w.poller.trail()
+		w.poller.gateNow()
 	}
 	switch {
 	case p.Poll:

@@ -2,7 +2,7 @@
 // SQL for a migration, diagnoses why workers are not woken, and shows a
 // table's notifications as they happen.
 //
-//	jobwatch sql TABLE [-gate] [-down]
+//	jobwatch sql TABLE [-gate=false] [-down]
 //	jobwatch doctor TABLE [-url URL] [-listener-url URL]
 //	jobwatch tail TABLE [-url URL]
 //
@@ -42,7 +42,7 @@ const (
 const usage = `jobwatch: tools for jobwatch, the watch layer of a PostgreSQL job queue.
 
 Usage:
-  jobwatch sql TABLE [-gate] [-down]    print the trigger SQL for a migration
+  jobwatch sql TABLE [-down]            print the trigger SQL for a migration
   jobwatch doctor TABLE [flags]         check why workers may not be woken
   jobwatch tail TABLE [flags]           print the table's notifications as they come
 

@@ -104,10 +104,10 @@ func TestSQLCommand(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, healthy)
 
-	gated, _, code := jobwatchCmd("sql", "-gate", "jobs")
+	ungated, _, code := jobwatchCmd("sql", "-gate=false", "jobs")
 	require.Equal(t, exitOK, code)
-	assert.Equal(t, jobwatch.CreateNotificationTriggerSQLWith("jobs", jobwatch.WithNotifyGate(true))+";\n", gated)
-	assert.NotEqual(t, up, gated)
+	assert.Equal(t, jobwatch.CreateNotificationTriggerSQLWith("jobs", jobwatch.WithNotifyGate(false))+";\n", ungated)
+	assert.NotEqual(t, up, ungated)
 
 	down, _, code := jobwatchCmd("sql", "jobs", "-down")
 	require.Equal(t, exitOK, code)
@@ -301,9 +301,9 @@ func TestTailCommand(t *testing.T) {
 	}
 	waitFor("listening on job_available_jobs")
 	exec(t, pool, "INSERT INTO jobs DEFAULT VALUES")
-	waitFor(`""           1 job due`)
+	waitFor(`"g:"         1 job due (gated)`)
 	exec(t, pool, "INSERT INTO jobs SELECT FROM generate_series(1, 3)")
-	waitFor(`"due:3"      3 jobs due`)
+	waitFor(`"g:due:3"    3 jobs due (gated)`)
 	exec(t, pool, "INSERT INTO jobs (run_at) VALUES (now() + interval '1 hour')")
 	waitFor("next job due at ")
 	cancel()
