@@ -19,11 +19,11 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// buildWorker builds the runner (internal/runner) once per test.
+// buildWorker builds the runner (internal/cmd/runner) once per test.
 func buildWorker(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "worker")
-	out, err := exec.Command("go", "build", "-o", bin, "./internal/runner").CombinedOutput()
+	out, err := exec.Command("go", "build", "-o", bin, "./internal/cmd/runner").CombinedOutput()
 	require.NoError(t, err, "build the runner: %s", out)
 	return bin
 }

@@ -310,9 +310,9 @@ func (p *Poller) run(ctx context.Context) {
 	}
 }
 
-// How a watch follows the notify gate (see gate.go): after a gated
-// notification it checks at once, while a skipper is open again after
-// gateTrail doubling to gateCheckEvery, and every gateCheckEvery besides.
+// How a watch follows the notify gate (see gate.go): gateTrail after a
+// gated notification, while a skipper is open again after gateTrail
+// doubling to gateCheckEvery, and every gateCheckEvery besides.
 const (
 	gateTrail      = 5 * time.Millisecond
 	gateCheckEvery = 500 * time.Millisecond
@@ -336,10 +336,12 @@ func (p *Poller) followGate() {
 	p.gateAt = time.Now()
 }
 
-// gateNow asks for a check of the gate now: a gated notification came.
-func (p *Poller) gateNow() {
+// gateSoon asks for a check of the gate gateTrail from now: a gated
+// notification came. Not at once: the wake-up it sent has a worker
+// fetching now, and the skippers behind the notifier are committing.
+func (p *Poller) gateSoon() {
 	if p.gate.on {
-		p.setEarlier(&p.gateAt, time.Now())
+		p.setEarlier(&p.gateAt, time.Now().Add(gateTrail))
 	}
 }
 

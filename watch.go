@@ -154,7 +154,7 @@ func (w *Watch) notified(msg Notification) {
 	w.stats.notifications.Add(1)
 	p := ParsePayload(msg.Payload)
 	if p.Gated {
-		w.poller.gateNow()
+		w.poller.gateSoon()
 	}
 	switch {
 	case p.Poll:
