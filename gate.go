@@ -45,10 +45,13 @@ func gateStatementSQL(channelLiteral, counterLiteral string) string {
     END IF;`
 }
 
-// gateCheckSQL says, for the channel $1 and the skip counter $2 (a name),
+// gateColumns are, for the channel $1 and the skip counter $2 (a name),
 // whether a skipping transaction is still open (it holds the skip key in
-// shared mode, so an exclusive try fails) and the counter's value (0 before
-// its first skip, or when it does not exist).
-const gateCheckSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock(` + gateSkipKey + `, hashtext($1))
+// shared mode, so an exclusive try fails) and the counter's value (0
+// before its first skip, or when it does not exist). A watch's poll reads
+// them with its count; gateCheckSQL reads them alone.
+const gateColumns = `NOT CASE WHEN pg_try_advisory_lock(` + gateSkipKey + `, hashtext($1))
 	THEN pg_advisory_unlock(` + gateSkipKey + `, hashtext($1)) ELSE false END,
 	coalesce(pg_sequence_last_value(to_regclass($2)), 0)`
+
+const gateCheckSQL = `SELECT ` + gateColumns

@@ -36,7 +36,8 @@ type Poller struct {
 	pollNow   bool
 	fallback  time.Duration // when set, the interval while notifications do not arrive
 	scheduled time.Time     // when the earliest known future job is due; zero if none
-	gateAt    time.Time     // when to check the notify gate next; zero if not
+	gateAt    time.Time     // when to check the notify gate next (a light check); zero if not
+	trailAt   time.Time     // when to poll again behind the notify gate; zero if not
 	gate      gateState     // owned by run
 	offset    time.Duration // the server's clock minus ours, as the last poll saw it
 
@@ -246,18 +247,20 @@ func (p *Poller) run(ctx context.Context) {
 		reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
 		intervalPoll := !now.Before(nextInterval)
 		gateCheck := reached(p.gateAt)
-		due := p.pollNow || intervalPoll || reached(p.scheduled)
+		due := p.pollNow || intervalPoll || reached(p.scheduled) || reached(p.trailAt)
 		if due {
 			p.pollNow = false
-			if reached(p.scheduled) {
-				p.scheduled = time.Time{}
+			for _, t := range []*time.Time{&p.scheduled, &p.trailAt} {
+				if reached(*t) {
+					*t = time.Time{}
+				}
 			}
 		}
 		if gateCheck {
 			p.gateAt = time.Time{}
 		}
 		wakeAt := nextInterval
-		for _, t := range []time.Time{p.scheduled, p.gateAt} {
+		for _, t := range []time.Time{p.scheduled, p.trailAt, p.gateAt} {
 			if !t.IsZero() && t.Before(wakeAt) {
 				wakeAt = t
 			}
@@ -310,63 +313,69 @@ func (p *Poller) run(ctx context.Context) {
 	}
 }
 
-// How a watch follows the notify gate (see gate.go): gateTrail after a
-// gated notification, while a skipper is open again after gateTrail
-// doubling to gateCheckEvery, and every gateCheckEvery besides.
+// How a watch follows the notify gate (see gate.go): it polls gateTrail
+// after a gated notification, and again after gateTrail doubling to
+// gateCheckEvery while a skipper is open; every gateCheckEvery besides it
+// checks the skip counter, and polls when it moved.
 const (
 	gateTrail      = 5 * time.Millisecond
 	gateCheckEvery = 500 * time.Millisecond
 )
 
-// gateState is what the poller's last check of the gate saw.
+// gateState is what the poller last saw of the gate.
 type gateState struct {
 	on      bool   // the poller follows the gate (a watch of gated triggers)
 	counter string // the skip counter's name
-	checked bool   // a check has run
-	skips   int64  // the counter at the last check
+	checked bool   // a check or poll has run
+	skips   int64  // the counter then
 	open    bool   // a skipper was open then
 	trail   backoff
 }
 
-// followGate makes the poller check the notify gate (a watch's poller, when
-// the triggers are gated). Call it before start.
+// followGate makes the poller follow the notify gate (a watch's poller,
+// when the triggers are gated). Call it before start.
 func (p *Poller) followGate() {
 	p.gate = gateState{on: true, counter: p.names.table.qualify(p.names.counter),
 		trail: backoff{min: gateTrail, max: gateCheckEvery}}
 	p.gateAt = time.Now()
 }
 
-// gateSoon asks for a check of the gate gateTrail from now: a gated
-// notification came. Not at once: the wake-up it sent has a worker
-// fetching now, and the skippers behind the notifier are committing.
+// gateSoon asks for a poll gateTrail from now: a gated notification came.
+// Not at once: the wake-up it sent has a worker fetching now, and the
+// skippers behind the notifier are committing.
 func (p *Poller) gateSoon() {
 	if p.gate.on {
-		p.setEarlier(&p.gateAt, time.Now().Add(gateTrail))
+		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
 	}
 }
 
-// checkGate reads the skip counter and whether a skipper is open, sets the
-// next check, and reports whether to poll: when the counter moved (a skip
-// happened since the last check) or a skipper was open at the last check
-// (it may have committed since; while one stays open, every check polls,
-// so that the others' jobs are not held up by it).
+// checkGate is the light check: it reads the skip counter and whether a
+// skipper is open, sets the next check, and reports whether to poll.
 func (p *Poller) checkGate(ctx context.Context) bool {
-	g := &p.gate
 	var open bool
 	var skips int64
-	err := p.pool.QueryRow(ctx, gateCheckSQL, p.names.channel, g.counter).Scan(&open, &skips)
-	next := gateCheckEvery
-	poll := false
-	if err == nil {
-		poll = g.open || (g.checked && skips != g.skips)
-		g.checked, g.skips, g.open = true, skips, open
-		if open {
-			next = g.trail.delay()
-		} else {
-			g.trail.reset()
-		}
+	err := p.pool.QueryRow(ctx, gateCheckSQL, p.names.channel, p.gate.counter).Scan(&open, &skips)
+	p.setEarlier(&p.gateAt, time.Now().Add(gateCheckEvery))
+	if err != nil {
+		return false // the poll, if one comes, reports the server's trouble
 	}
-	p.setEarlier(&p.gateAt, time.Now().Add(next))
+	return p.gateSeen(open, skips)
+}
+
+// gateSeen records what a check or a poll saw of the gate and reports
+// whether a poll is called for: the counter moved (a skip happened since)
+// or a skipper was open last time (it may have committed since; while one
+// stays open every look polls, so that the others' jobs are not held up
+// by it). While one is open it asks for a poll after the trail delay.
+func (p *Poller) gateSeen(open bool, skips int64) bool {
+	g := &p.gate
+	poll := g.open || (g.checked && skips != g.skips)
+	g.checked, g.skips, g.open = true, skips, open
+	if open {
+		p.setEarlier(&p.trailAt, time.Now().Add(g.trail.delay()))
+	} else {
+		g.trail.reset()
+	}
 	return poll
 }
 
@@ -384,8 +393,15 @@ func (p *Poller) poll(ctx context.Context) {
 	var count int64
 	var next *float64
 	var server float64
+	var open bool
+	var skips int64
 	start := time.Now()
-	err := p.pool.QueryRow(ctx, p.query).Scan(&count, &next, &server)
+	var err error
+	if p.gate.on {
+		err = p.pool.QueryRow(ctx, p.query+`, `+gateColumns, p.names.channel, p.gate.counter).Scan(&count, &next, &server, &open, &skips)
+	} else {
+		err = p.pool.QueryRow(ctx, p.query).Scan(&count, &next, &server)
+	}
 	end := time.Now()
 	// Counted once done, so that a caller who saw Polls go up knows that
 	// poll has sent its wake-ups.
@@ -406,6 +422,13 @@ func (p *Poller) poll(ctx context.Context) {
 		return
 	}
 	p.problems.clear("jobwatch: polling works again", "table", p.names.table.raw)
+	// The gate's columns are read after this statement's snapshot was
+	// taken: a skipper that committed in between counts as ended, its job
+	// unseen. Its skip moved the counter, though: one more poll, whose
+	// snapshot comes later, finds it.
+	if p.gate.on && p.gateSeen(open, skips) {
+		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
+	}
 	whole := math.Floor(server)
 	serverAt := time.Unix(int64(whole), int64((server-whole)*1e9))
 	p.mu.Lock()

@@ -19,12 +19,8 @@ func (b *bench) endToEnd() error {
 	}
 	defer f.stop()
 	n := samples(1000, 200)
-	bare, err := f.sample(b.ctx, b.pool, n)
-	if err != nil {
-		return err
-	}
 	for _, syncCommit := range []string{"on", "off"} {
-		jw, err := b.jobwatchClosedLoop("e2e_"+syncCommit, syncCommit, n)
+		jw, bare, err := b.jobwatchClosedLoop("e2e_"+syncCommit, syncCommit, n, f)
 		if err != nil {
 			return err
 		}
@@ -59,36 +55,42 @@ func (b *bench) endToEnd() error {
 }
 
 // jobwatchClosedLoop inserts n jobs one at a time into table, each once the
-// previous one's handler started, and returns each insert-to-start time.
-func (b *bench) jobwatchClosedLoop(table, syncCommit string, n int) ([]time.Duration, error) {
+// previous one's handler started, and returns each insert-to-start time,
+// with a sample of the floor f taken after each job, so that the machine's
+// noise falls on both alike.
+func (b *bench) jobwatchClosedLoop(table, syncCommit string, n int, f *floor) (jw, bare []time.Duration, err error) {
 	if err := b.jobTable(table); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	starts := make(chan start, concurrency)
 	stop, err := b.jobwatchWorker(table, syncCommit, func(s start) { starts <- s })
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer stop()
 	conn, err := b.pool.Acquire(b.ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	defer conn.Release()
-	var out []time.Duration
 	for range n {
 		t0 := time.Now()
 		var id pgtype.UUID
 		if err := conn.QueryRow(b.ctx, "INSERT INTO "+table+" DEFAULT VALUES RETURNING id").Scan(&id); err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		s, err := awaitStart(starts, id.Bytes)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
-		out = append(out, s.at.Sub(t0))
+		jw = append(jw, s.at.Sub(t0))
+		d, err := f.once(b.ctx, conn)
+		if err != nil {
+			return nil, nil, err
+		}
+		bare = append(bare, d)
 	}
-	return out, nil
+	return jw, bare, nil
 }
 
 // riverClosedLoop is jobwatchClosedLoop for River.

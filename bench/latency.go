@@ -70,24 +70,6 @@ func (f *floor) once(ctx context.Context, conn *pgxpool.Conn) (time.Duration, er
 	}
 }
 
-// sample times n INSERTs to their notification.
-func (f *floor) sample(ctx context.Context, pool *pgxpool.Pool, n int) ([]time.Duration, error) {
-	conn, err := pool.Acquire(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Release()
-	var d []time.Duration
-	for range n {
-		t, err := f.once(ctx, conn)
-		if err != nil {
-			return nil, err
-		}
-		d = append(d, t)
-	}
-	return d, nil
-}
-
 // wakeLatency: a lone INSERT's start to JobAvailable on the caller's
 // channel, with jobwatch's default (gated) triggers, interleaved with the
 // bare floor. One INSERT at a time: one lone insert must not pay for the
