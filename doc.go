@@ -1,8 +1,10 @@
 // Package jobwatch tells a PostgreSQL-backed job runner when there is work.
 //
 // It installs statement-level AFTER INSERT and AFTER UPDATE triggers on a
-// job table that NOTIFY a per-table channel, shares one LISTEN connection
-// (a Listener) between every table a process watches, and runs a poller
+// job table that NOTIFY a per-table channel (through a notify gate that
+// keeps concurrent producers from committing in single file, see
+// WithNotifyGate), shares one LISTEN connection (a Listener) between every
+// table a process watches, and runs a poller
 // that finds what notifications cannot: jobs whose run_at passes later,
 // and notifications lost while disconnected. Both put non-blocking
 // JobAvailable messages on a buffered channel the caller owns; fetching and
@@ -16,10 +18,12 @@
 //
 // Where each concern lives: names.go reads table names and derives the
 // names of channels, functions and triggers; schema.go holds the job
-// table's SQL facts; triggers.go builds the install script and
-// install.go runs it and keeps it installed; payload.go is the format of
-// notifications; listener.go, listener_conn.go and subscription.go make
-// the Listener; poll.go the Poller; watch.go ties them together;
-// channel.go puts messages on the caller's channel; stats.go, options.go
-// and errors.go are what their names say.
+// table's SQL facts; triggers.go builds the install script, gate.go the
+// notify gate's part of it, and install.go runs it and keeps it installed;
+// payload.go is the format of notifications; listener.go,
+// listener_conn.go and subscription.go make the Listener, delivery.go its
+// end-to-end check; poll.go is the Poller, watch.go ties them together;
+// channel.go puts messages on the caller's channel; doctor.go is
+// Diagnose; problems.go turns lasting problems into few log lines;
+// stats.go, options.go and errors.go are what their names say.
 package jobwatch

@@ -1,5 +1,10 @@
 package jobwatch
 
+import (
+	"context"
+	"time"
+)
+
 // The notify gate, on by default (see WithNotifyGate).
 //
 // PostgreSQL commits the transactions that NOTIFY one at a time: each
@@ -55,3 +60,69 @@ const gateColumns = `NOT CASE WHEN pg_try_advisory_lock(` + gateSkipKey + `, has
 	coalesce(pg_sequence_last_value(to_regclass($2)), 0)`
 
 const gateCheckSQL = `SELECT ` + gateColumns
+
+// How a watch follows the notify gate: it polls gateTrail
+// after a gated notification, and again after gateTrail doubling to
+// gateCheckEvery while a skipper is open; every gateCheckEvery besides it
+// checks the skip counter, and polls when it moved.
+const (
+	gateTrail      = 5 * time.Millisecond
+	gateCheckEvery = 500 * time.Millisecond
+)
+
+// gateState is what the poller last saw of the gate.
+type gateState struct {
+	on      bool   // the poller follows the gate (a watch of gated triggers)
+	counter string // the skip counter's name
+	checked bool   // a check or poll has run
+	skips   int64  // the counter then
+	open    bool   // a skipper was open then
+	trail   backoff
+}
+
+// followGate makes the poller follow the notify gate (a watch's poller,
+// when the triggers are gated). Call it before start.
+func (p *Poller) followGate() {
+	p.gate = gateState{on: true, counter: p.names.table.qualify(p.names.counter),
+		trail: backoff{min: gateTrail, max: gateCheckEvery}}
+	p.gateAt = time.Now()
+}
+
+// gateSoon asks for a poll gateTrail from now: a gated notification came.
+// Not at once: the wake-up it sent has a worker fetching now, and the
+// skippers behind the notifier are committing.
+func (p *Poller) gateSoon() {
+	if p.gate.on {
+		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
+	}
+}
+
+// checkGate is the light check: it reads the skip counter and whether a
+// skipper is open, sets the next check, and reports whether to poll.
+func (p *Poller) checkGate(ctx context.Context) bool {
+	var open bool
+	var skips int64
+	err := p.pool.QueryRow(ctx, gateCheckSQL, p.names.channel, p.gate.counter).Scan(&open, &skips)
+	p.setEarlier(&p.gateAt, time.Now().Add(gateCheckEvery))
+	if err != nil {
+		return false // the poll, if one comes, reports the server's trouble
+	}
+	return p.gateSeen(open, skips)
+}
+
+// gateSeen records what a check or a poll saw of the gate and reports
+// whether a poll is called for: the counter moved (a skip happened since)
+// or a skipper was open last time (it may have committed since; while one
+// stays open every look polls, so that the others' jobs are not held up
+// by it). While one is open it asks for a poll after the trail delay.
+func (p *Poller) gateSeen(open bool, skips int64) bool {
+	g := &p.gate
+	poll := g.open || (g.checked && skips != g.skips)
+	g.checked, g.skips, g.open = true, skips, open
+	if open {
+		p.setEarlier(&p.trailAt, time.Now().Add(g.trail.delay()))
+	} else {
+		g.trail.reset()
+	}
+	return poll
+}

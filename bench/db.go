@@ -120,3 +120,20 @@ func ratio(a, b float64) string {
 }
 
 func perSecond(n int, d time.Duration) float64 { return float64(n) / d.Seconds() }
+
+// watch watches table with l (poll interval an hour), waits for its first
+// poll and empties wake of what the start-up sent.
+func (b *bench) watch(l *jobwatch.Listener, table string, wake chan jobwatch.Message) (*jobwatch.Watch, error) {
+	w, err := jobwatch.WatchForJob(b.ctx, b.pool, l, table, time.Hour, wake, b.quiet)
+	if err != nil {
+		return nil, err
+	}
+	if err := waitUntil(10*time.Second, "first poll", func() bool { return w.Stats().Polls > 0 }); err != nil {
+		w.Close()
+		return nil, err
+	}
+	for len(wake) > 0 {
+		<-wake
+	}
+	return w, nil
+}

@@ -26,17 +26,11 @@ func (b *bench) fanIn() error {
 		if err := b.jobTable(t); err != nil {
 			return err
 		}
-		w, err := jobwatch.WatchForJob(b.ctx, b.pool, l, t, time.Hour, wake, b.quiet)
+		w, err := b.watch(l, t, wake)
 		if err != nil {
 			return err
 		}
 		defer w.Close()
-		if err := waitUntil(10*time.Second, "first poll", func() bool { return w.Stats().Polls > 0 }); err != nil {
-			return err
-		}
-	}
-	for len(wake) > 0 {
-		<-wake
 	}
 	for i := range tables {
 		if err := b.exec(fmt.Sprintf("INSERT INTO fan_%d DEFAULT VALUES", i)); err != nil {

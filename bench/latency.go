@@ -89,17 +89,11 @@ func (b *bench) wakeLatency() error {
 	}
 	defer l.Close()
 	wake := make(chan jobwatch.Message, 16)
-	w, err := jobwatch.WatchForJob(b.ctx, b.pool, l, "jobs", time.Hour, wake, b.quiet)
+	w, err := b.watch(l, "jobs", wake)
 	if err != nil {
 		return err
 	}
 	defer w.Close()
-	if err := waitUntil(10*time.Second, "first poll", func() bool { return w.Stats().Polls > 0 }); err != nil {
-		return err
-	}
-	for len(wake) > 0 {
-		<-wake
-	}
 	conn, err := b.pool.Acquire(b.ctx)
 	if err != nil {
 		return err
