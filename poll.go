@@ -247,6 +247,9 @@ func (p *Poller) run(ctx context.Context) {
 		reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
 		intervalPoll := !now.Before(nextInterval)
 		gateCheck := reached(p.gateAt)
+		// A poll called for only behind the gate wakes workers only for
+		// what skipped (see poll).
+		trailOnly := reached(p.trailAt) && !p.pollNow && !intervalPoll && !reached(p.scheduled)
 		due := p.pollNow || intervalPoll || reached(p.scheduled) || reached(p.trailAt)
 		if due {
 			p.pollNow = false
@@ -271,7 +274,7 @@ func (p *Poller) run(ctx context.Context) {
 		// The gate's check runs first: the poll that may follow then sees
 		// every skipper that had ended when it ran.
 		if gateCheck && p.checkGate(ctx) {
-			due = true
+			due, trailOnly = true, false
 		}
 		if due {
 			if intervalPoll {
@@ -282,7 +285,7 @@ func (p *Poller) run(ctx context.Context) {
 					nextInterval = now.Add(p.interval + p.jitter())
 				}
 			}
-			p.poll(ctx)
+			p.poll(ctx, trailOnly)
 			if ctx.Err() != nil {
 				return
 			}
@@ -322,8 +325,11 @@ func (p *Poller) jitter() time.Duration {
 
 // poll counts pending jobs, at most as many as wake can hold, sends one
 // JobAvailable per job for which wake has room, and schedules the next
-// poll for the earliest future job.
-func (p *Poller) poll(ctx context.Context) {
+// poll for the earliest future job. A trailing poll (trailOnly: called for
+// only by a gated notification) wakes no one unless a transaction skipped
+// since the last look: the notification already woke workers for its own
+// jobs.
+func (p *Poller) poll(ctx context.Context, trailOnly bool) {
 	var count int64
 	var next *float64
 	var server float64
@@ -360,7 +366,8 @@ func (p *Poller) poll(ctx context.Context) {
 	// taken: a skipper that committed in between counts as ended, its job
 	// unseen. Its skip moved the counter, though: one more poll, whose
 	// snapshot comes later, finds it.
-	if p.gate.on && p.gateSeen(open, skips) {
+	skipped := p.gate.on && p.gateSeen(open, skips)
+	if skipped {
 		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
 	}
 	whole := math.Floor(server)
@@ -370,7 +377,9 @@ func (p *Poller) poll(ctx context.Context) {
 	p.mu.Unlock()
 	// Never more than the channel has room for: a woken worker fetches
 	// until nothing is due, so wake-ups beyond that would only be dropped.
-	p.stats.wake(min(count, p.stats.room()))
+	if !trailOnly || skipped {
+		p.stats.wake(min(count, p.stats.room()))
+	}
 	if next != nil {
 		p.scheduleIn(time.Duration(*next * float64(time.Second)))
 	}
