@@ -304,3 +304,29 @@ func TestThunderingHerd(t *testing.T) {
 	// connect), then at most once per wake-up; the winner looks once more.
 	assert.LessOrEqual(t, perJob, float64(16+1)+float64(16*3)/jobs, "bounded by processes + 1 per job")
 }
+
+// TestExampleWorker: the README's first command, on a fresh database, runs
+// every job and exits 0; SIGTERM in the middle of a run lets the jobs that
+// started finish and be recorded.
+func TestExampleWorker(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	bin := filepath.Join(t.TempDir(), "example")
+	out, err := exec.Command("go", "build", "-o", bin, "./examples/worker").CombinedOutput()
+	require.NoError(t, err, "build examples/worker: %s", out)
+
+	p := startWorkerProc(t, bin, d.url, "-enqueue", "20", "-enqueue-later", "5", "-exit-when-idle")
+	assert.Equal(t, 0, p.waitExit(t))
+	assert.Equal(t, 25, d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_succeeded'"))
+
+	p = startWorkerProc(t, bin, d.url, "-concurrency", "2")
+	eventually(t, "worker started", func() bool { return p.has("worker started") })
+	d.exec(t, "INSERT INTO jobs SELECT FROM generate_series(1, 20)")
+	eventually(t, "jobs running", func() bool {
+		return d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_running'") > 0
+	})
+	require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+	assert.Equal(t, 0, p.waitExit(t))
+	assert.Equal(t, 0, d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_running'"), "started jobs were recorded")
+	assert.Less(t, d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_succeeded'"), 45, "it stopped fetching")
+}

@@ -104,12 +104,16 @@ func run(ctx context.Context, table string, concurrency, enqueue, enqueueLater i
 		for ctx.Err() == nil {
 			slots <- struct{}{}
 			var id string
-			err := pool.QueryRow(ctx, `UPDATE `+t+` SET status = 'job_status_running', locked_at = now(),
+			// Not ctx: a fetch cut short by Ctrl-C may still have marked
+			// a job running on the server, and no one would run it.
+			fetchCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			err := pool.QueryRow(fetchCtx, `UPDATE `+t+` SET status = 'job_status_running', locked_at = now(),
 					locked_by = gen_random_uuid(), attempts_count = attempts_count + 1, updated_at = now()
 				WHERE id = (SELECT id FROM `+t+`
 					WHERE status IN ('job_status_not_started', 'job_status_retry') AND locked_by IS NULL AND run_at <= now()
 					ORDER BY run_at LIMIT 1 FOR UPDATE SKIP LOCKED)
 				RETURNING id::text`).Scan(&id)
+			cancel()
 			if err != nil {
 				<-slots
 				if !errors.Is(err, pgx.ErrNoRows) && ctx.Err() == nil {

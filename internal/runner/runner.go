@@ -185,6 +185,10 @@ type result struct {
 func (w *worker) fetch(ctx context.Context, n int) ([]job, error) {
 	w.fetches.Add(1)
 	done := w.done.take()
+	// Not ctx: a fetch cut short by a shutdown may still have marked jobs
+	// running on the server, and no one would run them.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
 	rows, err := w.pool.Query(ctx, w.q.fetch, w.id, n, done)
 	if err != nil {
 		w.done.add(done...)
