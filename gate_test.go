@@ -52,44 +52,41 @@ func wokenAfter(t *testing.T, ch <-chan jobwatch.Message, committed time.Time, w
 	t.Logf("%s: woken %v after its commit", what, time.Since(committed).Round(time.Millisecond))
 }
 
-func TestGateHolderStaysOpen(t *testing.T) {
+// TestGateHolder: the holder of the notify key stays open, rolls back, or
+// its session is killed, after another transaction's job skipped behind
+// it.
+func TestGateHolder(t *testing.T) {
 	t.Parallel()
-	d := newDB(t)
-	_, opt := newLogs(t)
-	w, ch, _ := startWatch(t, d, "jobs", time.Hour, 10, opt)
-	o := observe(t, d, "jobs")
-	tx, _ := holder(t, d)
-	wokenAfter(t, ch, skipped(t, d, o), "skipped job, the holder still open")
-	assert.EqualValues(t, 0, w.Stats().Notifications, "nobody notified yet")
-	require.NoError(t, tx.Commit(ctxT(t)))
-	waitWake(t, ch, "the holder's own job, at its commit")
-	eventually(t, "the holder notified", func() bool { return w.Stats().Notifications == 1 })
-}
-
-func TestGateHolderRollsBack(t *testing.T) {
-	t.Parallel()
-	d := newDB(t)
-	_, opt := newLogs(t)
-	w, ch, _ := startWatch(t, d, "jobs", time.Hour, 10, opt)
-	o := observe(t, d, "jobs")
-	tx, _ := holder(t, d)
-	committed := skipped(t, d, o)
-	require.NoError(t, tx.Rollback(ctxT(t)))
-	wokenAfter(t, ch, committed, "skipped job, the holder rolled back")
-	assert.EqualValues(t, 0, w.Stats().Notifications)
-}
-
-func TestGateHolderSessionDies(t *testing.T) {
-	t.Parallel()
-	d := newDB(t)
-	_, opt := newLogs(t)
-	w, ch, _ := startWatch(t, d, "jobs", time.Hour, 10, opt)
-	o := observe(t, d, "jobs")
-	_, conn := holder(t, d)
-	committed := skipped(t, d, o)
-	d.exec(t, "SELECT pg_terminate_backend($1)", conn.PgConn().PID())
-	wokenAfter(t, ch, committed, "skipped job, the holder's session killed")
-	assert.EqualValues(t, 0, w.Stats().Notifications)
+	for _, c := range []struct {
+		name string
+		then func(t *testing.T, d db, tx pgx.Tx, conn *pgx.Conn)
+		// commits: the holder commits in the end, and its own job is woken
+		commits bool
+	}{
+		{"stays open", func(*testing.T, db, pgx.Tx, *pgx.Conn) {}, true},
+		{"rolls back", func(t *testing.T, _ db, tx pgx.Tx, _ *pgx.Conn) { require.NoError(t, tx.Rollback(ctxT(t))) }, false},
+		{"session killed", func(t *testing.T, d db, _ pgx.Tx, conn *pgx.Conn) {
+			d.exec(t, "SELECT pg_terminate_backend($1)", conn.PgConn().PID())
+		}, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			d := newDB(t)
+			_, opt := newLogs(t)
+			w, ch, _ := startWatch(t, d, "jobs", time.Hour, 10, opt)
+			o := observe(t, d, "jobs")
+			tx, conn := holder(t, d)
+			committed := skipped(t, d, o)
+			c.then(t, d, tx, conn)
+			wokenAfter(t, ch, committed, "skipped job, the holder "+c.name)
+			assert.EqualValues(t, 0, w.Stats().Notifications, "nobody notified")
+			if c.commits {
+				require.NoError(t, tx.Commit(ctxT(t)))
+				waitWake(t, ch, "the holder's own job, at its commit")
+				eventually(t, "the holder notified", func() bool { return w.Stats().Notifications == 1 })
+			}
+		})
+	}
 }
 
 // TestGateSkipperStaysOpen: a producer that skipped holds its transaction
