@@ -57,9 +57,10 @@ var (
 	// timestamp, with or without time zone.
 	ErrColumnType = errors.New("job column of the wrong type")
 	// ErrTriggersBusy is returned by EnsureNotificationTriggers when the
-	// triggers could not be installed right now without waiting: another
-	// installer holds the installation lock, or a writer holds a lock on
-	// the table. Nothing was changed; try again later (a watch does).
+	// triggers could not be installed right now: a writer holds a lock on
+	// the table (the installer never queues behind it), or another
+	// installer held the installation lock for longer than a second.
+	// Nothing was changed; try again later (a watch does).
 	ErrTriggersBusy = errors.New("trigger installation busy")
 	// ErrPermissionDenied is returned by EnsureNotificationTriggers when the
 	// triggers need installing or updating and the role lacks the right to

@@ -22,10 +22,13 @@ const transitionTable = "jobwatch_new_rows"
 //   - reads the catalog first and, when everything is in place and its
 //     function bodies are the ones this version installs, ends there: no
 //     lock, no DDL, so it also succeeds for a role without DDL rights;
-//   - otherwise takes a transaction-level advisory lock without waiting
-//     (the key IHP uses), so only one installer works at a time and the
-//     others fail at once with SQLSTATE 55P03 instead of queueing or
-//     meeting "tuple concurrently updated";
+//   - otherwise takes a transaction-level advisory lock (the key IHP
+//     uses), so only one installer works at a time and none meets "tuple
+//     concurrently updated": another installer, a worker trying at the
+//     same moment as a migration for example, is waited for up to one
+//     second (an install takes milliseconds), after which it fails with
+//     SQLSTATE 55P03; then it reads the catalog again, and ends there
+//     when the other one has done the work;
 //   - creates or replaces the trigger function jobwatch_notify_<table> when
 //     its body differs, which locks only the function's catalog row, and
 //     creates IHP's notify_job_queued_<table> for IHP's per-row triggers
@@ -303,6 +306,7 @@ DECLARE
     st_stale bool;
     st_has_counter bool;
     part record;
+    caller_lock_timeout text := current_setting('lock_timeout');
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'jobwatch: table % does not exist', ` + raw + ` USING ERRCODE = '42P01';
@@ -321,9 +325,15 @@ BEGIN
         RETURN;
     END IF;
     SET LOCAL lock_timeout = '1s';
-    IF NOT pg_try_advisory_xact_lock(hashtext(` + schemaKey + `), hashtext(` + quoteLiteral(n.ihpFunction) + `::name::text)) THEN
+    -- One installer at a time (IHP's key). The others wait, at most
+    -- lock_timeout: an install takes milliseconds, and a migration must not
+    -- fail because a worker tries at the same moment. The wait holds no
+    -- table lock, so writers go on meanwhile.
+    BEGIN
+        PERFORM pg_advisory_xact_lock(hashtext(` + schemaKey + `), hashtext(` + quoteLiteral(n.ihpFunction) + `::name::text));
+    EXCEPTION WHEN lock_not_available THEN
         RAISE EXCEPTION 'jobwatch: notification trigger installation already in progress for %', ` + raw + ` USING ERRCODE = '55P03';
-    END IF;
+    END;
     -- Read again under the lock: another installer may just have finished.
     SELECT * INTO st_partitioned, st_has_insert, st_has_update, st_has_row, st_uncovered, st_incomplete, st_stale, st_has_counter
       FROM (` + n.stateSQL("tbl", "stmt_body", "row_body") + `) s;
@@ -375,6 +385,9 @@ BEGIN
             END IF;
         END LOOP;
     END IF;
+    -- A migration tool may run this inside its own transaction: leave its
+    -- lock_timeout as it was.
+    PERFORM set_config('lock_timeout', caller_lock_timeout, true);
 END
 `
 	return "DO " + dollarQuote("jobwatch", block)
