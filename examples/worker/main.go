@@ -11,7 +11,7 @@
 //	go run ./examples/worker -enqueue 20 -enqueue-later 5 -exit-when-idle
 //
 // internal/runner is the same loop tuned for throughput (batched fetches
-// and results, stale-job recovery, retries with backoff).
+// and results, reading ahead, stale-job recovery, retries with backoff).
 package main
 
 import (

@@ -28,7 +28,7 @@ func CreateTable(ctx context.Context, pool *pgxpool.Pool, table string) error {
 
 // queries holds the worker's SQL for one table.
 type queries struct {
-	fetch, succeed, fail, unlockStale, insertNow, insertLater, busy string
+	fetch, succeed, fail, touch, release, unlockStale, insertNow, insertLater, busy string
 }
 
 func newQueries(table string) (queries, error) {
@@ -64,6 +64,15 @@ func newQueries(table string) (queries, error) {
 		fail: `UPDATE ` + ident + ` SET status = $3, last_error = $4, locked_by = NULL, locked_at = NULL, updated_at = now(),
 				run_at = now() + make_interval(secs => power(2, attempts_count))
 			WHERE id = $1 AND locked_by = $2`,
+		// A job read ahead (see readAhead) that waited long is locked
+		// afresh before it starts, if it is still this worker's.
+		touch: `UPDATE ` + ident + ` SET locked_at = now()
+			WHERE id = $1 AND locked_by = $2 AND status = 'job_status_running'`,
+		// Jobs read ahead and not started at shutdown go back in the
+		// queue, their attempt not counted.
+		release: `UPDATE ` + ident + ` SET status = 'job_status_retry', locked_by = NULL, locked_at = NULL,
+				attempts_count = attempts_count - 1, updated_at = now()
+			WHERE id = ANY($1) AND locked_by = $2 AND status = 'job_status_running'`,
 		// IHP's staleJobTimeout: a job running longer than that lost its
 		// worker (killed, crashed); put it back in the queue.
 		unlockStale: `UPDATE ` + ident + ` SET status = 'job_status_retry', locked_by = NULL, locked_at = NULL, updated_at = now()

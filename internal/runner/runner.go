@@ -2,7 +2,8 @@
 // multi-process tests (through internal/cmd/runner) and of the benchmark.
 // It does what examples/worker does, and more: two fetchers keep a fetch
 // in flight while the other's jobs start, finished jobs are recorded in
-// batches, jobs whose worker died are put back in the queue (StaleAfter),
+// batches, a fetch reads ahead while jobs run shorter than a fetch takes,
+// jobs whose worker died are put back in the queue (StaleAfter),
 // failing jobs are retried with a backoff, and ExitWhenIdle ends it when
 // nothing is left. Start from examples/worker for your own runner; come
 // here for these refinements.
@@ -37,7 +38,7 @@ type Config struct {
 	Started func(id pgtype.UUID)
 	// Ready, when set, is called once the runner watches the table.
 	Ready  func()
-	Logger *slog.Logger
+	Logger *slog.Logger // nil: slog.Default()
 }
 
 // Counts are what a runner did.
@@ -47,6 +48,9 @@ type Counts struct{ Ran, Failed, Fetches int64 }
 // ExitWhenIdle, nothing is left), then waits for the jobs it started and
 // their recording. It logs "worker started" once it watches the table.
 func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c Config) (Counts, error) {
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
 	ctx, stop := context.WithCancel(ctx)
 	defer stop()
 	q, err := newQueries(c.Table)
@@ -64,6 +68,7 @@ func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c
 	_, _ = rand.Read(workerID.Bytes[:])
 	workerID.Valid = true
 	w := &worker{c: c, pool: pool, q: q, id: workerID, log: c.Logger, done: doneBatch{waiting: make(chan struct{}, 1)}}
+	w.queued.w = w
 	c.Logger.Info("worker started", "table", c.Table, "concurrency", c.Concurrency, "worker_id", fmt.Sprintf("%x", workerID.Bytes))
 	if c.Ready != nil {
 		c.Ready()
@@ -84,6 +89,14 @@ type worker struct {
 	log  *slog.Logger
 	done doneBatch
 
+	slots   chan struct{} // a place per running job, Concurrency in all
+	ahead   chan struct{} // a place per job read ahead, Concurrency in all
+	queued  readQueue     // the jobs read ahead
+	results chan result   // for the completer
+	running sync.WaitGroup
+
+	perform, fetchTime ewma // how long jobs and fetches take
+
 	ran, failed, fetches atomic.Int64
 }
 
@@ -93,34 +106,40 @@ type worker struct {
 // UPDATE SKIP LOCKED ... RETURNING) locks a batch; two fetchers keep a
 // round trip in flight while the other's jobs start; a completer marks
 // finished jobs in batches. A burst thus costs a few round trips per batch
-// instead of two commits per job. On shutdown fetching stops and the loop
+// instead of two commits per job.
+//
+// While jobs run shorter than a fetch takes, a fetch also reads ahead: up
+// to Concurrency jobs more than there are free slots, which wait in this
+// process for the next free slot (see readAhead). On shutdown fetching
+// stops, jobs read ahead and not started go back to the queue, and the loop
 // waits for the jobs it started and their recording.
 func (w *worker) fetchLoop(ctx context.Context, wake <-chan jobwatch.Message) {
-	slots := make(chan struct{}, w.c.Concurrency)
+	w.slots = make(chan struct{}, w.c.Concurrency)
+	w.ahead = make(chan struct{}, w.c.Concurrency)
 	// Results wait here for the completer; a job's slot is free as soon
 	// as the job returns.
-	results := make(chan result, 64*w.c.Concurrency)
+	w.results = make(chan result, 64*w.c.Concurrency)
 	completerDone := make(chan struct{})
 	go func() {
 		defer close(completerDone)
-		w.complete(results)
+		w.complete(w.results)
 	}()
-	var running, fetchers sync.WaitGroup
+	var fetchers sync.WaitGroup
 	for range min(2, w.c.Concurrency) {
 		fetchers.Add(1)
 		go func() {
 			defer fetchers.Done()
-			w.fetcher(ctx, wake, slots, results, &running)
+			w.fetcher(ctx, wake)
 		}()
 	}
 	fetchers.Wait()
-	running.Wait()
-	close(results)
+	w.running.Wait()
+	w.release(w.queued.takeAll())
+	close(w.results)
 	<-completerDone
 }
 
-func (w *worker) fetcher(ctx context.Context, wake <-chan jobwatch.Message, slots chan struct{},
-	results chan<- result, running *sync.WaitGroup) {
+func (w *worker) fetcher(ctx context.Context, wake <-chan jobwatch.Message) {
 	for {
 		select {
 		case <-ctx.Done():
@@ -128,46 +147,188 @@ func (w *worker) fetcher(ctx context.Context, wake <-chan jobwatch.Message, slot
 		case <-wake:
 		}
 		for ctx.Err() == nil {
-			// Take every free slot, waiting for at least one.
+			// Take every free slot, waiting for at least one, and as many
+			// read-ahead places as are free when reading ahead pays.
 			select {
-			case slots <- struct{}{}:
+			case w.slots <- struct{}{}:
 			case <-ctx.Done():
 				return
 			}
-			free := 1
-		take:
-			for free < w.c.Concurrency {
-				select {
-				case slots <- struct{}{}:
-					free++
-				default:
-					break take
-				}
+			free := 1 + grab(w.slots, w.c.Concurrency-1)
+			ahead := 0
+			if w.readAhead() {
+				ahead = grab(w.ahead, w.c.Concurrency)
 			}
-			jobs, err := w.fetch(ctx, free)
+			jobs, err := w.fetch(ctx, free+ahead)
 			if err != nil && ctx.Err() == nil {
 				w.log.Error("fetch failed", "error", err)
 			}
-			for range free - len(jobs) {
-				<-slots
+			now := time.Now()
+			for i, j := range jobs {
+				if i < free {
+					w.start(ctx, j)
+					continue
+				}
+				w.queued.push(ctx, queuedJob{job: j, at: now})
 			}
-			for _, j := range jobs {
-				running.Add(1)
-				go func() {
-					defer running.Done()
-					if w.c.Started != nil {
-						w.c.Started(j.id)
-					}
-					r := result{job: j, err: w.c.Perform(ctx, j.attempts)}
-					<-slots
-					results <- r
-				}()
+			for range max(0, free-len(jobs)) {
+				<-w.slots
 			}
-			if len(jobs) < free {
+			for range ahead - max(0, len(jobs)-free) {
+				<-w.ahead
+			}
+			if len(jobs) < free+ahead {
 				break // nothing more is due; wait for the next wake-up
 			}
 		}
 	}
+}
+
+// grab takes up to n free places of a semaphore without waiting.
+func grab(sem chan struct{}, n int) int {
+	for i := range n {
+		select {
+		case sem <- struct{}{}:
+		default:
+			return i
+		}
+	}
+	return n
+}
+
+// start runs j in a slot the caller holds. When j is done, the same slot
+// runs the jobs read ahead, oldest first, and is freed when none is left.
+func (w *worker) start(ctx context.Context, j job) {
+	w.running.Add(1)
+	go func() {
+		defer w.running.Done()
+		next := queuedJob{job: j}
+		for {
+			// A job that waited here for half of StaleAfter is locked
+			// afresh first, unless another worker has it by now.
+			if next.at.IsZero() || time.Since(next.at) < w.c.StaleAfter/2 || w.touch(next.job) {
+				w.run(ctx, next.job)
+			}
+			var ok bool
+			if next, ok = w.queued.popOrFree(ctx); !ok {
+				return
+			}
+		}
+	}()
+}
+
+func (w *worker) run(ctx context.Context, j job) {
+	if w.c.Started != nil {
+		w.c.Started(j.id)
+	}
+	began := time.Now()
+	r := result{job: j, err: w.c.Perform(ctx, j.attempts)}
+	w.perform.observe(time.Since(began))
+	w.results <- r
+}
+
+// touch renews the lock of a job read ahead; false if it is no longer
+// this worker's.
+func (w *worker) touch(j job) bool {
+	tag, err := w.pool.Exec(context.Background(), w.q.touch, j.id, w.id)
+	if err != nil {
+		w.log.Error("renew job lock", "error", err)
+		return false
+	}
+	return tag.RowsAffected() == 1
+}
+
+// release puts jobs read ahead and never started back in the queue.
+func (w *worker) release(jobs []job) {
+	if len(jobs) == 0 {
+		return
+	}
+	ids := make([]pgtype.UUID, len(jobs))
+	for i, j := range jobs {
+		ids[i] = j.id
+	}
+	if _, err := w.pool.Exec(context.Background(), w.q.release, ids, w.id); err != nil {
+		w.log.Error("put jobs read ahead back in the queue", "error", err)
+	}
+}
+
+// readAhead says whether a fetch should lock more jobs than there are free
+// slots: when jobs run shorter than a fetch takes, a job read ahead waits
+// here less than a fetch would take, and the next fetch is hidden behind
+// the jobs running. Jobs that run longer are left to other workers.
+func (w *worker) readAhead() bool {
+	p, f := w.perform.get(), w.fetchTime.get()
+	return p > 0 && f > 0 && p < f
+}
+
+// ewma is a moving average of durations, safe for concurrent use.
+type ewma struct{ v atomic.Int64 }
+
+func (e *ewma) observe(d time.Duration) {
+	old := e.v.Load()
+	if old == 0 {
+		e.v.Store(int64(d))
+		return
+	}
+	e.v.Store(old + (int64(d)-old)/8)
+}
+
+func (e *ewma) get() time.Duration { return time.Duration(e.v.Load()) }
+
+// queuedJob is a job read ahead, locked for this worker and not started.
+type queuedJob struct {
+	job job
+	at  time.Time // when it was locked
+}
+
+// readQueue holds the jobs read ahead. Its lock also orders a slot's
+// "nothing queued, free the slot" against a fetcher's "queue, then start
+// on the free slots", so that no queued job waits while a slot is free.
+type readQueue struct {
+	mu   sync.Mutex
+	jobs []queuedJob
+	w    *worker
+}
+
+// push queues a job read ahead and starts it at once if a slot is free.
+func (q *readQueue) push(ctx context.Context, j queuedJob) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	select {
+	case q.w.slots <- struct{}{}:
+		<-q.w.ahead
+		q.w.start(ctx, j.job)
+	default:
+		q.jobs = append(q.jobs, j)
+	}
+}
+
+// popOrFree takes the oldest queued job, freeing its read-ahead place, or,
+// when none is queued or ctx is done, frees the caller's slot.
+func (q *readQueue) popOrFree(ctx context.Context) (queuedJob, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.jobs) == 0 || ctx.Err() != nil {
+		<-q.w.slots
+		return queuedJob{}, false
+	}
+	j := q.jobs[0]
+	q.jobs = q.jobs[1:]
+	<-q.w.ahead
+	return j, true
+}
+
+// takeAll empties the queue, freeing the read-ahead places.
+func (q *readQueue) takeAll() []job {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	jobs := make([]job, len(q.jobs))
+	for i, j := range q.jobs {
+		jobs[i] = j.job
+		<-q.w.ahead
+	}
+	q.jobs = nil
+	return jobs
 }
 
 type job struct {
@@ -189,11 +350,13 @@ func (w *worker) fetch(ctx context.Context, n int) ([]job, error) {
 	// running on the server, and no one would run them.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
+	began := time.Now()
 	rows, err := w.pool.Query(ctx, w.q.fetch, w.id, n, done)
 	if err != nil {
 		w.done.add(done...)
 		return nil, err
 	}
+	defer func() { w.fetchTime.observe(time.Since(began)) }()
 	var jobs []job
 	recorded := map[pgtype.UUID]bool{}
 	var j job
