@@ -16,8 +16,9 @@
 // IHP workers can share a table; its own statement triggers call
 // jobwatch_notify_<table> (see CreateNotificationTriggerSQL).
 //
-// Where each concern lives: names.go reads table names and derives the
-// names of channels, functions and triggers; schema.go holds the job
+// Where each concern lives: names.go reads table names, derives the
+// names of channels, functions and triggers, and quotes what goes into
+// SQL; schema.go holds the job
 // table's SQL facts; triggers.go builds the install script, gate.go the
 // notify gate's part of it, and install.go runs it and keeps it installed;
 // payload.go is the format of notifications; listener.go,

@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 
@@ -273,4 +274,25 @@ func QuoteTableName(tableName string) (string, error) {
 		return "", fmt.Errorf("jobwatch: %w", err)
 	}
 	return ref.quoted(), nil
+}
+
+// quoteLiteral returns s as an SQL string literal that reads the same
+// whatever standard_conforming_strings says.
+func quoteLiteral(s string) string {
+	s = strings.ReplaceAll(s, "'", "''")
+	if strings.Contains(s, `\`) {
+		return "E'" + strings.ReplaceAll(s, `\`, `\\`) + "'"
+	}
+	return "'" + s + "'"
+}
+
+func ident(s string) string { return pgx.Identifier{s}.Sanitize() }
+
+// dollarQuote wraps body in a dollar quote whose tag does not occur in body.
+func dollarQuote(tag, body string) string {
+	t := "$" + tag + "$"
+	for i := 0; strings.Contains(body, t); i++ {
+		t = "$" + tag + strconv.Itoa(i) + "$"
+	}
+	return t + body + t
 }

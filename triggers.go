@@ -3,8 +3,6 @@ package jobwatch
 import (
 	"strconv"
 	"strings"
-
-	"github.com/jackc/pgx/v5"
 )
 
 // transitionTable is the name the statement triggers give their NEW TABLE.
@@ -83,27 +81,6 @@ func CreateNotificationTriggerSQLWith(tableName string, opts ...Option) string {
 func raiseSQL(err error) string {
 	return "DO " + dollarQuote("jobwatch",
 		" BEGIN RAISE EXCEPTION '%', "+quoteLiteral("jobwatch: "+err.Error())+" USING ERRCODE = '42602'; END ")
-}
-
-// quoteLiteral returns s as an SQL string literal that reads the same
-// whatever standard_conforming_strings says.
-func quoteLiteral(s string) string {
-	s = strings.ReplaceAll(s, "'", "''")
-	if strings.Contains(s, `\`) {
-		return "E'" + strings.ReplaceAll(s, `\`, `\\`) + "'"
-	}
-	return "'" + s + "'"
-}
-
-func ident(s string) string { return pgx.Identifier{s}.Sanitize() }
-
-// dollarQuote wraps body in a dollar quote whose tag does not occur in body.
-func dollarQuote(tag, body string) string {
-	t := "$" + tag + "$"
-	for i := 0; strings.Contains(body, t); i++ {
-		t = "$" + tag + strconv.Itoa(i) + "$"
-	}
-	return t + body + t
 }
 
 // statementBody is the body of jobwatch_notify_<table>, which the
