@@ -54,9 +54,7 @@ func TestPoolThroughTransactionModePgBouncer(t *testing.T) {
 	pool := newPool(t, poolURL)
 	l := testListener(t, d.url, opt, fastCheck)
 	w, ch, _ := d.watch(t, opt, watchSetup{listener: l, pool: pool, noTable: true})
-	healthy, err := jobwatch.NotificationTriggersHealthy(ctxT(t), pool, "jobs")
-	require.NoError(t, err)
-	require.True(t, healthy, "installed through the pooler")
+	require.True(t, triggersHealthy(t, pool, "jobs"), "installed through the pooler")
 
 	_, err = pool.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
 	require.NoError(t, err)

@@ -198,9 +198,7 @@ func TestFailover(t *testing.T) {
 				}
 			}
 			require.NotZero(t, firstWake, "no wake-up after the promotion")
-			healthy, err := jobwatch.NotificationTriggersHealthy(ctxT(t), pool, "jobs")
-			require.NoError(t, err)
-			assert.True(t, healthy, "triggers on the new primary")
+			assert.True(t, triggersHealthy(t, pool, "jobs"), "triggers on the new primary")
 			t.Logf("failover (%s): %d jobs committed, every one fetched; promotion to first wake-up %v; listener reconnects %d",
 				mode, len(committed), firstWake.Round(time.Millisecond), l.Stats().Reconnects)
 			assert.NotContains(t, lg.String(), "notifications do not reach")

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"github.com/jobwatch-go/jobwatch"
 	"log/slog"
 	"strings"
 	"sync"
@@ -12,7 +11,9 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch"
 	"github.com/jobwatch-go/jobwatch/internal/pgtest"
+	"github.com/stretchr/testify/require"
 	"go.uber.org/goleak"
 )
 
@@ -246,4 +247,13 @@ func (d db) watch(t *testing.T, logger jobwatch.Option, s watchSetup) (*jobwatch
 func startWatch(t *testing.T, d db, table string, interval time.Duration, capacity int, logger jobwatch.Option, opts ...jobwatch.Option) (*jobwatch.Watch, chan jobwatch.Message, *jobwatch.Listener) {
 	t.Helper()
 	return d.watch(t, logger, watchSetup{table: table, interval: interval, capacity: capacity, opts: opts})
+}
+
+// triggersHealthy reports NotificationTriggersHealthy for table, failing
+// the test on an error.
+func triggersHealthy(t *testing.T, pool *pgxpool.Pool, table string) bool {
+	t.Helper()
+	healthy, err := jobwatch.NotificationTriggersHealthy(ctxT(t), pool, table)
+	require.NoError(t, err, table)
+	return healthy
 }

@@ -215,9 +215,7 @@ func TestIHPNamesNearTheLimit(t *testing.T) {
 			// IHP first, then jobwatch.
 			d.exec(t, ihpScript(ihpFirst))
 			require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, ihpFirst, opt))
-			healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, ihpFirst)
-			require.NoError(t, err)
-			assert.True(t, healthy, "jobwatch sees IHP's triggers")
+			assert.True(t, triggersHealthy(t, d.pool, ihpFirst), "jobwatch sees IHP's triggers")
 			assert.Equal(t, 2, triggerCount(t, d, ihpFirst))
 			// jobwatch first, then IHP.
 			require.NoError(t, jobwatch.EnsureNotificationTriggers(ctx, d.pool, goFirst, opt))

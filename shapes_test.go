@@ -126,9 +126,7 @@ func TestPartitionedTable(t *testing.T) {
 		// onto the partitions created under it.
 		"jobs_a": "statement=2 row=false", "jobs_bc": "statement=2 row=true", "jobs_b": "statement=2 row=false",
 	}, partitionState(t, d, "jobs"))
-	healthy, err := jobwatch.NotificationTriggersHealthy(ctxT(t), d.pool, "jobs")
-	require.NoError(t, err)
-	require.True(t, healthy)
+	require.True(t, triggersHealthy(t, d.pool, "jobs"))
 
 	o := observe(t, d, "jobs")
 	done := "UPDATE jobs SET status = 'job_status_succeeded'" // leaves nothing pending: notifies nobody
@@ -195,9 +193,7 @@ func TestPartitionRowTriggerBeforeRepair(t *testing.T) {
 	o := observe(t, d, "jobs")
 	assert.Equal(t, []string{"poll"}, o.sent(t, "INSERT INTO jobs_x (queue) SELECT 'x' FROM generate_series(1, 100)"))
 	assert.Empty(t, o.sent(t, "INSERT INTO jobs_x (queue, status) VALUES ('x', 'job_status_succeeded')"))
-	healthy, err := jobwatch.NotificationTriggersHealthy(ctxT(t), d.pool, "jobs")
-	require.NoError(t, err)
-	assert.True(t, healthy, "covered by the row trigger")
+	assert.True(t, triggersHealthy(t, d.pool, "jobs"), "covered by the row trigger")
 	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
 	assert.Equal(t, map[string]string{"jobs_x": "statement=2 row=false"}, partitionState(t, d, "jobs"))
 	assert.Equal(t, []string{"g:due:100"}, o.sent(t, "INSERT INTO jobs_x (queue) SELECT 'x' FROM generate_series(1, 100)"))

@@ -143,9 +143,7 @@ func TestPollerRepairOnAndOff(t *testing.T) {
 			// nothing can have changed. With it the repair is on the
 			// installer's goroutine.
 			eventually(t, "polls and repairs", func() bool { return p.Stats().Polls >= 3 && p.Stats().TriggerRepairs == c.repairs })
-			healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, "jobs")
-			require.NoError(t, err)
-			assert.Equal(t, c.repair, healthy)
+			assert.Equal(t, c.repair, triggersHealthy(t, d.pool, "jobs"))
 		})
 	}
 }
@@ -309,9 +307,7 @@ func TestIHPCompatibility(t *testing.T) {
 BEGIN PERFORM pg_notify('job_available_jobs', ''); RETURN new; END; $$ language plpgsql;
 CREATE TRIGGER did_insert_job_jobs AFTER INSERT ON "jobs" FOR EACH ROW WHEN (NEW.status = 'job_status_not_started' OR NEW.status = 'job_status_retry') EXECUTE PROCEDURE notify_job_queued_jobs();
 CREATE TRIGGER did_update_job_jobs AFTER UPDATE ON "jobs" FOR EACH ROW WHEN (NEW.status = 'job_status_not_started' OR NEW.status = 'job_status_retry') EXECUTE PROCEDURE notify_job_queued_jobs();`)
-	healthy, err := jobwatch.NotificationTriggersHealthy(ctx, d.pool, "jobs")
-	require.NoError(t, err)
-	require.True(t, healthy)
+	require.True(t, triggersHealthy(t, d.pool, "jobs"))
 
 	ch := make(chan jobwatch.Message, 10)
 	l := testListener(t, d.url, opt)
