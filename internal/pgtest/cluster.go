@@ -138,22 +138,32 @@ func (c *Cluster) Start() error {
 	c.mu.Lock()
 	c.proc, c.exited, c.log = srv, exited, logFile
 	c.mu.Unlock()
-	deadline := time.Now().Add(60 * time.Second)
+	if err := waitReady("postgres", exited, 60*time.Second, c.answers, c.Log); err != nil {
+		c.Stop()
+		return err
+	}
+	return nil
+}
+
+// waitReady calls ready until it succeeds, or the process ends (exited is
+// closed), or within has passed; the error then carries the process's
+// log.
+func waitReady(what string, exited <-chan struct{}, within time.Duration, ready func() error, log func() string) error {
+	deadline := time.Now().Add(within)
 	for {
-		err := c.answers()
+		err := ready()
 		if err == nil {
 			return nil
 		}
 		select {
 		case <-exited:
-			return fmt.Errorf("postgres exited: %s", c.Log())
+			return fmt.Errorf("%s exited: %s", what, log())
 		default:
 		}
 		if time.Now().After(deadline) {
-			c.Stop()
-			return fmt.Errorf("postgres did not answer within 60s: %v", err)
+			return fmt.Errorf("%s not ready within %v: %v: %s", what, within, err, log())
 		}
-		time.Sleep(50 * time.Millisecond)
+		time.Sleep(20 * time.Millisecond)
 	}
 }
 

@@ -109,23 +109,13 @@ pidfile = %s
 	exited := make(chan struct{})
 	go func() { _ = cmd.Wait(); close(exited) }()
 	b.proc, b.exited = cmd, exited
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	return waitReady("pgbouncer", exited, 20*time.Second, func() error {
 		c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(b.Port)), time.Second)
 		if err == nil {
 			c.Close()
-			return nil
 		}
-		select {
-		case <-exited:
-			return fmt.Errorf("pgbouncer exited: %s", b.Log())
-		default:
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("pgbouncer did not listen within 20s: %s", b.Log())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		return err
+	}, b.Log)
 }
 
 // URL returns the connection string of entry (TransactionMode or

@@ -166,14 +166,12 @@ func (w *worker) fetcher(ctx context.Context, wake <-chan jobwatch.Message) {
 			now := time.Now()
 			for i, j := range jobs {
 				if i < free {
-					w.start(ctx, j)
+					w.start(ctx, queuedJob{job: j})
 					continue
 				}
 				w.queued.push(ctx, queuedJob{job: j, at: now})
 			}
-			for range max(0, free-len(jobs)) {
-				<-w.slots
-			}
+			w.queued.freeSlots(ctx, max(0, free-len(jobs)))
 			for range ahead - max(0, len(jobs)-free) {
 				<-w.ahead
 			}
@@ -198,11 +196,11 @@ func grab(sem chan struct{}, n int) int {
 
 // start runs j in a slot the caller holds. When j is done, the same slot
 // runs the jobs read ahead, oldest first, and is freed when none is left.
-func (w *worker) start(ctx context.Context, j job) {
+func (w *worker) start(ctx context.Context, j queuedJob) {
 	w.running.Add(1)
 	go func() {
 		defer w.running.Done()
-		next := queuedJob{job: j}
+		next := j
 		for {
 			// A job that waited here for half of StaleAfter is locked
 			// afresh first, unless another worker has it by now.
@@ -297,9 +295,28 @@ func (q *readQueue) push(ctx context.Context, j queuedJob) {
 	select {
 	case q.w.slots <- struct{}{}:
 		<-q.w.ahead
-		q.w.start(ctx, j.job)
+		q.w.start(ctx, j)
 	default:
 		q.jobs = append(q.jobs, j)
+	}
+}
+
+// freeSlots hands n slots the caller holds to queued jobs, oldest first,
+// and frees the others. Every slot a fetcher does not use goes through
+// here: freed while jobs wait in the queue, a slot would leave them there
+// until the next job ends, or for good if none is running.
+func (q *readQueue) freeSlots(ctx context.Context, n int) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for range n {
+		if len(q.jobs) == 0 || ctx.Err() != nil {
+			<-q.w.slots
+			continue
+		}
+		j := q.jobs[0]
+		q.jobs = q.jobs[1:]
+		<-q.w.ahead
+		q.w.start(ctx, j)
 	}
 }
 
