@@ -120,6 +120,7 @@ DECLARE
     announced numeric;
     announce text[] := '{}';
     payload text;
+    skips bigint;
 BEGIN` + decide + `
     -- What this transaction has announced on the channel so far: how many
     -- counts and times, and the earliest time. PostgreSQL merges identical
