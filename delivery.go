@@ -208,7 +208,7 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	l.stats.probes.Add(1)
 	if err != nil {
 		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) && pgErr.Code == "25006" { // read_only_sql_transaction
+		if errors.As(err, &pgErr) && pgErr.Code == sqlstateReadOnly {
 			return probeLost, "the pool is connected to a standby in recovery (NOTIFY is refused there, and so are the producers' inserts)"
 		}
 		return probeInconclusive, "" // the pool is down: the polls say so

@@ -2,12 +2,10 @@ package jobwatch
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -95,6 +93,7 @@ func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, table
 type diagnosis struct {
 	pool     *pgxpool.Pool
 	names    names
+	state    triggerState // read by table
 	findings []Finding
 }
 
@@ -130,49 +129,50 @@ func (d *diagnosis) server(ctx context.Context) bool {
 	return true
 }
 
-// table reports whether the table exists with the job columns.
+// table reports whether the table exists with the job columns, and keeps
+// the state of its triggers (as this version's gated triggers) for the
+// checks that follow.
 func (d *diagnosis) table(ctx context.Context) bool {
-	var kind string
-	var missing, runAtType *string
-	err := d.pool.QueryRow(ctx, `SELECT c.relkind::text, cols.* FROM pg_class c, LATERAL (`+columnsSQL("c.oid")+`) cols
-		WHERE c.oid = `+d.tableExpr()).Scan(&kind, &missing, &runAtType)
+	s, err := readTriggerState(ctx, d.pool, d.names, true)
+	d.state = s
 	raw := d.names.table.raw
 	switch {
-	case errors.Is(err, pgx.ErrNoRows):
-		d.add("table", StatusFail, raw+" does not exist", "create it: jobwatch.CreateJobTableSQL gives IHP's schema")
-		return false
 	case err != nil:
 		d.add("table", StatusFail, "cannot read the catalog: "+err.Error(), "")
 		return false
-	case missing != nil:
-		d.add("table", StatusFail, raw+" lacks column(s) "+*missing, "add them: status, run_at (a timestamp) and locked_by")
+	case !s.exists:
+		d.add("table", StatusFail, raw+" does not exist", "create it: jobwatch.CreateJobTableSQL gives IHP's schema")
 		return false
-	case *runAtType != "timestamp with time zone" && *runAtType != "timestamp without time zone":
-		d.add("table", StatusFail, raw+": run_at is "+*runAtType+", the triggers need a timestamp", "make run_at a timestamptz")
+	case s.missing != nil:
+		d.add("table", StatusFail, raw+" lacks column(s) "+*s.missing, "add them: status, run_at (a timestamp) and locked_by")
+		return false
+	case *s.runAtType != "timestamp with time zone" && *s.runAtType != "timestamp without time zone":
+		d.add("table", StatusFail, raw+": run_at is "+*s.runAtType+", the triggers need a timestamp", "make run_at a timestamptz")
 		return false
 	}
 	shape := "a table"
-	if kind == "p" {
+	if s.partitioned {
 		shape = "a partitioned table"
 	}
-	d.add("table", StatusOK, fmt.Sprintf("%s is %s with status, locked_by and run_at (%s)", raw, shape, *runAtType), "")
+	d.add("table", StatusOK, fmt.Sprintf("%s is %s in schema %s, owned by %s, with status, locked_by and run_at (%s)",
+		raw, shape, s.schema, s.owner, *s.runAtType), "")
 	return true
 }
 
 // triggers checks the triggers and reports whether they are current.
 func (d *diagnosis) triggers(ctx context.Context) bool {
-	s, err := readTriggerState(ctx, d.pool, d.names, true)
-	gated := true
-	if err == nil && s.stale {
-		if g, gerr := readTriggerState(ctx, d.pool, d.names, false); gerr == nil && !g.stale {
+	s, gated := d.state, true
+	if s.stale {
+		if g, err := readTriggerState(ctx, d.pool, d.names, false); err == nil && !g.stale {
 			s, gated = g, false
 		}
 	}
 	switch {
-	case err != nil:
-		d.add("triggers", StatusFail, err.Error(), "")
+	case s.foreign != nil:
+		d.add("triggers", StatusFail, "objects under jobwatch's names are owned by another role: "+*s.foreign,
+			"drop them (their owner could change what every INSERT runs), then install the triggers again")
 		return false
-	case !s.healthy():
+	case !s.healthy:
 		d.add("triggers", StatusFail, "statements that leave pending jobs notify nobody: "+s.what(), d.installFix())
 		return false
 	case s.stale:
@@ -182,8 +182,11 @@ func (d *diagnosis) triggers(ctx context.Context) bool {
 		d.add("triggers", StatusWarn, fmt.Sprintf("in place; %d partition(s) still notify through the row trigger, once per row", s.incomplete),
 			d.installFix()+" (a watch with repair does it after its next interval poll)")
 		return false
+	case gated && (!s.hasCounter || s.counterWritable):
+		d.add("triggers", StatusWarn, "in place; "+s.what(), d.installFix())
+		return false
 	}
-	detail := "insert and update triggers in place, current"
+	detail := "insert and update triggers in place and enabled, current"
 	if s.partitioned {
 		detail += ", on every partition"
 	}
@@ -232,22 +235,26 @@ func (d *diagnosis) index(ctx context.Context) {
 const jobsWaitWarn = time.Minute
 
 func (d *diagnosis) jobs(ctx context.Context) {
-	var due, later int64
+	var due, later, never int64
 	var oldest *float64
 	t := d.names.table.quoted()
-	err := d.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE run_at <= now()), count(*) FILTER (WHERE run_at > now()),
-		extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now()))::float8
-		FROM `+t+` WHERE `+pendingIndexPredicate).Scan(&due, &later, &oldest)
+	err := d.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE run_at <= now()),
+		count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity'), count(*) FILTER (WHERE run_at = 'infinity'),
+		extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now() AND run_at > '-infinity'))::float8
+		FROM `+t+` WHERE `+pendingIndexPredicate).Scan(&due, &later, &never, &oldest)
 	if err != nil {
 		d.add("jobs", StatusFail, "cannot count them: "+err.Error(), "")
 		return
 	}
 	detail := fmt.Sprintf("%d due now, %d scheduled for later", due, later)
+	if never > 0 {
+		detail += fmt.Sprintf(", %d never (run_at = 'infinity')", never)
+	}
 	if oldest == nil {
 		d.add("jobs", StatusOK, detail, "")
 		return
 	}
-	wait := time.Duration(*oldest * float64(time.Second)).Round(time.Millisecond)
+	wait := seconds(*oldest).Round(time.Millisecond)
 	detail += fmt.Sprintf("; the oldest due job has waited %v", wait)
 	if wait > jobsWaitWarn {
 		d.add("jobs", StatusWarn, detail, "workers are not keeping up, or not running, or not woken: see their logs and the checks above")

@@ -68,6 +68,13 @@ var (
 	// schema). Run CreateNotificationTriggerSQL as the table's owner, in a
 	// migration for example.
 	ErrPermissionDenied = errors.New("permission denied")
+	// ErrNameTaken is returned by EnsureNotificationTriggers when an object
+	// under a name the triggers need (a function or the skip counter, in
+	// the table's schema) belongs to a role that is neither the table's
+	// owner nor a superuser, or is not what jobwatch would create there.
+	// Its owner could change what every INSERT runs, so jobwatch does not
+	// use it: drop it, then install again.
+	ErrNameTaken = errors.New("name taken by another role's object")
 )
 
 // Errors of the Listener.
@@ -75,4 +82,17 @@ var (
 	// ErrListenerClosed is returned by Subscribe, and by the watch
 	// functions, once the Listener is closed.
 	ErrListenerClosed = errors.New("listener closed")
+)
+
+// The SQLSTATE codes this package raises (in the install script) or
+// reads, by their PostgreSQL names.
+const (
+	sqlstateUndefinedTable   = "42P01"
+	sqlstateUndefinedColumn  = "42703"
+	sqlstateDatatypeMismatch = "42804"
+	sqlstateLockNotAvailable = "55P03"
+	sqlstatePermissionDenied = "42501"
+	sqlstateDuplicateObject  = "42710"
+	sqlstateReadOnly         = "25006" // read_only_sql_transaction: a standby
+	sqlstateInvalidName      = "42602"
 )

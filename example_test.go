@@ -179,9 +179,20 @@ func ExampleParsePayload() {
 }
 
 func ExampleDropNotificationTriggerSQL() {
-	fmt.Print(jobwatch.DropNotificationTriggerSQL("jobs"))
-	// Output:
-	// DROP FUNCTION IF EXISTS "jobwatch_notify_jobs"() CASCADE;
-	// DROP FUNCTION IF EXISTS "jobwatch_notify_rows_jobs"() CASCADE;
-	// DROP SEQUENCE IF EXISTS "jobwatch_skips_jobs";
+	_, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, jobwatch.CreateNotificationTriggerSQL("jobs")); err != nil { // the up migration
+		log.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, jobwatch.DropNotificationTriggerSQL("jobs")); err != nil { // the down migration
+		log.Fatal(err)
+	}
+	var left int
+	if err := pool.QueryRow(ctx, `SELECT (SELECT count(*) FROM pg_trigger WHERE tgrelid = 'jobs'::regclass)
+		+ (SELECT count(*) FROM pg_proc WHERE proname LIKE '%jobs') + (SELECT count(*) FROM pg_class WHERE relkind = 'S')`).Scan(&left); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("triggers, functions and counters left:", left)
+	// Output: triggers, functions and counters left: 0
 }

@@ -26,44 +26,24 @@ import (
 // holder does (stay open for a minute, roll back, die), and within a few
 // milliseconds under load, where gated notifications come all the time.
 
-// The gate's advisory lock keys: the first int4 of each, the second being
-// hashtext(channel).
-const (
-	gateNotifyKey = "hashtext('jobwatch notify')"
-	gateSkipKey   = "hashtext('jobwatch skip')"
-)
+// The gate's part of the statement trigger's body is in triggers.sql: an
+// INSERT that fails to take the table's notify key (names.notifyKey) takes
+// the skip key (names.skipKey) in shared mode and bumps the skip counter,
+// each only when it can without waiting; otherwise it notifies.
 
-// gateStatementSQL is the part of the statement trigger's body that makes
-// a transaction skip its NOTIFY when another one holds the notify key.
-// An INSERT takes part at once, before it looks at its rows: nearly every
-// INSERT into a job table adds a pending job, and this keeps a skipper's
-// cost to a few function calls, evaluated without starting the executor.
-func gateStatementSQL(channelLiteral, counterLiteral string) string {
-	return `
-    IF NOT pg_try_advisory_xact_lock(` + gateNotifyKey + `, hashtext(` + channelLiteral + `)) THEN
-        -- Another open transaction holds the notify key and notifies when
-        -- it ends. Skip, and say so (see Poller): the skip key, held until
-        -- this transaction ends, and the skip counter.
-        -- Written as conditions and an assignment, not PERFORM: PL/pgSQL
-        -- evaluates those without starting the executor, the greater part
-        -- of a skipper's cost. The try fails only while a watch holds the
-        -- skip key for an instant (see gateColumns): then wait for it.
-        IF NOT pg_try_advisory_xact_lock_shared(` + gateSkipKey + `, hashtext(` + channelLiteral + `)) THEN
-            PERFORM pg_advisory_xact_lock_shared(` + gateSkipKey + `, hashtext(` + channelLiteral + `));
-        END IF;
-        skips := CASE WHEN to_regclass(` + counterLiteral + `) IS NOT NULL THEN nextval(to_regclass(` + counterLiteral + `)) END;
-        RETURN NULL;
-    END IF;`
-}
-
-// gateColumns are, for the channel $1 and the skip counter $2 (a name),
-// whether a skipping transaction is still open (it holds the skip key in
-// shared mode, so an exclusive try fails) and the counter's value (0
-// before its first skip, or when it does not exist). A watch's poll reads
-// them with its count; gateCheckSQL reads them alone.
-const gateColumns = `NOT CASE WHEN pg_try_advisory_lock(` + gateSkipKey + `, hashtext($1))
-	THEN pg_advisory_unlock(` + gateSkipKey + `, hashtext($1)) ELSE false END,
-	coalesce(pg_sequence_last_value(to_regclass($2)), 0)`
+// gateColumns are, for the skip key $1 and the table $2 (quoted) with its
+// skip counter named $3, whether a skipping transaction is still open (it
+// holds the skip key in shared mode, so an exclusive try fails), the
+// counter's value (0 before its first skip, or when it does not exist),
+// and whether this role may read it. A watch's poll reads them with its
+// count; gateCheckSQL reads them alone.
+const gateColumns = `NOT CASE WHEN pg_try_advisory_lock($1::int8) THEN pg_advisory_unlock($1::int8) ELSE false END,
+	coalesce((SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT, USAGE') THEN pg_sequence_last_value(c.oid) END
+	            FROM pg_class c, pg_class t
+	           WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S'), 0),
+	coalesce((SELECT has_sequence_privilege(c.oid, 'SELECT, USAGE')
+	            FROM pg_class c, pg_class t
+	           WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S'), true)`
 
 const gateCheckSQL = `SELECT ` + gateColumns
 
@@ -78,19 +58,17 @@ const (
 
 // gateState is what the poller last saw of the gate.
 type gateState struct {
-	on      bool   // the poller follows the gate (a watch of gated triggers)
-	counter string // the skip counter's name
-	checked bool   // a check or poll has run
-	skips   int64  // the counter then
-	open    bool   // a skipper was open then
+	on      bool  // the poller follows the gate (a watch of gated triggers)
+	checked bool  // a check or poll has run
+	skips   int64 // the counter then
+	open    bool  // a skipper was open then
 	trail   backoff
 }
 
 // followGate makes the poller follow the notify gate (a watch's poller,
 // when the triggers are gated). Call it before start.
 func (p *Poller) followGate() {
-	p.gate = gateState{on: true, counter: p.names.table.qualify(p.names.counter),
-		trail: backoff{min: gateTrail, max: gateCheckEvery}}
+	p.gate = gateState{on: true, trail: backoff{min: gateTrail, max: gateCheckEvery}}
 	p.gateAt = time.Now()
 }
 
@@ -106,14 +84,19 @@ func (p *Poller) gateSoon() {
 // checkGate is the light check: it reads the skip counter and whether a
 // skipper is open, sets the next check, and reports whether to poll.
 func (p *Poller) checkGate(ctx context.Context) bool {
-	var open bool
+	var open, readable bool
 	var skips int64
-	err := p.pool.QueryRow(ctx, gateCheckSQL, p.names.channel, p.gate.counter).Scan(&open, &skips)
+	err := p.pool.QueryRow(ctx, gateCheckSQL, p.gateArgs()...).Scan(&open, &skips, &readable)
 	p.setEarlier(&p.gateAt, time.Now().Add(gateCheckEvery))
 	if err != nil {
 		return false // the poll, if one comes, reports the server's trouble
 	}
 	return p.gateSeen(open, skips)
+}
+
+// gateArgs are the arguments of gateColumns.
+func (p *Poller) gateArgs() []any {
+	return []any{p.names.skipKey, p.names.table.quoted(), p.names.counter}
 }
 
 // gateSeen records what a check or a poll saw of the gate and reports

@@ -134,6 +134,17 @@ func (l *logs) count(substr string) int {
 	return strings.Count(l.String(), substr)
 }
 
+// lines counts the log lines that contain substr.
+func (l *logs) lines(substr string) int {
+	n := 0
+	for _, line := range strings.Split(l.String(), "\n") {
+		if strings.Contains(line, substr) {
+			n++
+		}
+	}
+	return n
+}
+
 func testListener(t *testing.T, url string, opts ...jobwatch.Option) *jobwatch.Listener {
 	t.Helper()
 	l, err := jobwatch.NewListener(url, opts...)

@@ -21,41 +21,56 @@ type db interface {
 
 // triggerState is what stateSQL reads from the catalog.
 type triggerState struct {
-	exists      bool
-	partitioned bool
-	hasInsert   bool
-	hasUpdate   bool
-	hasRow      bool
-	uncovered   int // partitions whose statements notify nobody
-	incomplete  int // partitions lacking statement triggers or firing the row trigger
-	stale       bool
-	hasCounter  bool // the notify gate's skip counter
+	exists          bool
+	schema, owner   string // the table's schema and owner
+	counter         string // the skip counter's name, schema-qualified and quoted
+	partitioned     bool
+	missing         *string // job columns the table lacks
+	runAtType       *string
+	hasInsert       bool
+	insertFires     bool // enabled, or always: not disabled nor replica-only
+	hasUpdate       bool
+	updateFires     bool
+	hasRow          bool // the row trigger of a partitioned table
+	rowFires        bool
+	uncovered       int // partitions whose statements notify nobody
+	incomplete      int // partitions lacking statement triggers or firing the row trigger
+	stale           bool
+	hasCounter      bool    // the notify gate's skip counter
+	counterWritable bool    // PUBLIC may setval it
+	foreign         *string // objects under jobwatch's names owned by another role
+	healthy         bool    // every statement that leaves a pending job notifies
+	inPlace         bool    // current but for stale function bodies
 }
 
-// healthy reports whether every statement that leaves a pending job
-// notifies (the triggers by IHP's names may be IHP's).
-func (s triggerState) healthy() bool {
-	return s.exists && s.hasInsert && s.hasUpdate && (!s.partitioned || (s.hasRow && s.uncovered == 0))
-}
-
-// needsInstall reports whether the install script has work: a trigger or a
-// partition's triggers missing or, with bodies, a function body that is not
-// this version's.
+// needsInstall reports whether the install script has work; with bodies,
+// a function body that is not this version's counts.
 func (s triggerState) needsInstall(bodies bool) bool {
-	return !s.hasInsert || !s.hasUpdate || !s.hasCounter || (s.partitioned && (!s.hasRow || s.incomplete > 0)) || (bodies && s.stale)
+	return !s.inPlace || (bodies && s.stale)
+}
+
+// disabled reports whether a trigger exists but does not fire.
+func (s triggerState) disabled() bool {
+	return (s.hasInsert && !s.insertFires) || (s.hasUpdate && !s.updateFires) || (s.hasRow && !s.rowFires)
 }
 
 // what says, for a log line, what needsInstall found.
 func (s triggerState) what() string {
 	var parts []string
-	if !s.hasInsert || !s.hasUpdate {
+	switch {
+	case !s.hasInsert || !s.hasUpdate:
 		parts = append(parts, "triggers missing")
+	case !s.insertFires || !s.updateFires:
+		parts = append(parts, "triggers disabled (ALTER TABLE ... DISABLE TRIGGER, or ENABLE REPLICA TRIGGER)")
 	}
-	if s.partitioned && !s.hasRow {
+	switch {
+	case s.partitioned && !s.hasRow:
 		parts = append(parts, "partition row trigger missing")
+	case s.partitioned && !s.rowFires:
+		parts = append(parts, "partition row trigger disabled")
 	}
 	if s.partitioned && s.incomplete > 0 {
-		parts = append(parts, fmt.Sprintf("%d partition(s) without statement triggers", s.incomplete))
+		parts = append(parts, fmt.Sprintf("%d partition(s) whose statement triggers are missing or disabled", s.incomplete))
 	}
 	if s.stale {
 		parts = append(parts, "trigger function from another jobwatch version")
@@ -63,14 +78,22 @@ func (s triggerState) what() string {
 	if !s.hasCounter {
 		parts = append(parts, "skip counter missing")
 	}
+	if s.counterWritable {
+		parts = append(parts, "skip counter writable by PUBLIC")
+	}
+	if s.foreign != nil {
+		parts = append(parts, "owned by another role: "+*s.foreign)
+	}
 	return strings.Join(parts, ", ")
 }
 
 func readTriggerState(ctx context.Context, q db, n names, gate bool) (triggerState, error) {
-	tbl := "to_regclass(" + quoteLiteral(n.table.quoted()) + ")"
 	var s triggerState
-	err := q.QueryRow(ctx, n.stateSQL(tbl, "$1::text", "$2::text"), n.statementBody(gate), n.rowBody()).
-		Scan(&s.partitioned, &s.hasInsert, &s.hasUpdate, &s.hasRow, &s.uncovered, &s.incomplete, &s.stale, &s.hasCounter)
+	err := q.QueryRow(ctx, n.stateSQL(gate), n.table.quoted(), n.statementBody(gate), n.rowBody()).Scan(
+		&s.schema, &s.owner, &s.counter, &s.partitioned, &s.missing, &s.runAtType,
+		&s.hasInsert, &s.insertFires, &s.hasUpdate, &s.updateFires, &s.hasRow, &s.rowFires,
+		&s.uncovered, &s.incomplete, &s.stale, &s.hasCounter, &s.counterWritable, &s.foreign,
+		&s.healthy, &s.inPlace)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return s, nil
@@ -91,10 +114,11 @@ func (e sqlError) Error() string {
 
 func (e sqlError) Unwrap() error { return e.PgError }
 
-// installTriggers runs the install script and maps its errors to this
+// installTriggers runs the install script, with the partitions' part only
+// for a table that may be partitioned, and maps its errors to this
 // package's sentinels.
-func installTriggers(ctx context.Context, q db, n names, gate bool) error {
-	_, err := q.Exec(ctx, n.triggerSQL(gate))
+func installTriggers(ctx context.Context, q db, n names, gate, mayPartition bool) error {
+	_, err := q.Exec(ctx, n.triggerSQL(gate, mayPartition))
 	if err == nil {
 		return nil
 	}
@@ -102,11 +126,12 @@ func installTriggers(ctx context.Context, q db, n names, gate bool) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		sentinel := map[string]error{
-			"42P01": ErrTableNotFound,
-			"42703": ErrMissingColumns,
-			"42804": ErrColumnType,
-			"55P03": ErrTriggersBusy,
-			"42501": ErrPermissionDenied,
+			sqlstateUndefinedTable:   ErrTableNotFound,
+			sqlstateUndefinedColumn:  ErrMissingColumns,
+			sqlstateDatatypeMismatch: ErrColumnType,
+			sqlstateLockNotAvailable: ErrTriggersBusy,
+			sqlstatePermissionDenied: ErrPermissionDenied,
+			sqlstateDuplicateObject:  ErrNameTaken,
 		}[pgErr.Code]
 		if sentinel != nil {
 			return fmt.Errorf("%s: %w: %w", what, sentinel, sqlError{pgErr})
@@ -136,7 +161,7 @@ func NotificationTriggersHealthy(ctx context.Context, pool *pgxpool.Pool, tableN
 	if !s.exists {
 		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", tableName, ErrTableNotFound)
 	}
-	return s.healthy(), nil
+	return s.healthy, nil
 }
 
 // EnsureNotificationTriggers makes the notification triggers of a table
@@ -179,10 +204,16 @@ func ensureTriggers(ctx context.Context, q db, n names, o options, bodies bool) 
 	if !s.needsInstall(bodies) {
 		return "", nil
 	}
-	if err := installTriggers(ctx, q, n, o.gate); err != nil {
+	if err := installTriggers(ctx, q, n, o.gate, s.partitioned); err != nil {
 		return "", err
 	}
-	o.logger.Info("jobwatch: installed notification triggers", "table", n.table.raw, "found", s.what())
+	level, msg := slog.LevelInfo, "jobwatch: installed notification triggers"
+	if s.disabled() {
+		// Someone turned them off (a bulk load not undone, a replica's
+		// setup): worth a warning, once, as this is a repair.
+		level, msg = slog.LevelWarn, "jobwatch: notification triggers were disabled, so nothing was notified; enabled them again"
+	}
+	o.logger.Log(ctx, level, msg, "table", n.table.raw, "found", s.what())
 	return s.what(), nil
 }
 

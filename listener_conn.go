@@ -133,7 +133,7 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, error) {
 // explainListenError says what a refused LISTEN most likely means.
 func explainListenError(err error) error {
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "25006" { // read_only_sql_transaction
+	if errors.As(err, &pgErr) && pgErr.Code == sqlstateReadOnly {
 		return fmt.Errorf("connected to a standby in recovery, where LISTEN is refused; "+
 			"point the Listener at the primary (several hosts with target_session_attrs=read-write follow it): %w", err)
 	}

@@ -2,6 +2,7 @@ package jobwatch
 
 import (
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
 	"fmt"
 	"strconv"
@@ -150,20 +151,23 @@ func (t tableRef) quoted() string {
 
 // base is the text the derived names are built from: the table name for an
 // unqualified table (IHP's behaviour), schema.table for a qualified one, so
-// that app.jobs and public.jobs get different channels.
+// that app.jobs and public.jobs get different channels. A part that holds
+// a dot or a double quote is written quoted, as PostgreSQL reads it, so
+// that distinct tables never share a base: "a.b".c, a."b.c" and the
+// unqualified "a.b" (for which IHP's unquoted names cannot work) differ
+// from each other and from a.b.
 func (t tableRef) base() string {
 	if t.schema == "" {
-		return t.name
+		return basePart(t.name)
 	}
-	return t.schema + "." + t.name
+	return basePart(t.schema) + "." + basePart(t.name)
 }
 
-// qualify returns the safely quoted name of an object in the table's schema.
-func (t tableRef) qualify(object string) string {
-	if t.schema == "" {
-		return pgx.Identifier{object}.Sanitize()
+func basePart(s string) string {
+	if !strings.ContainsAny(s, `."`) {
+		return s
 	}
-	return pgx.Identifier{t.schema, object}.Sanitize()
+	return `"` + strings.ReplaceAll(s, `"`, `""`) + `"`
 }
 
 // ihpName is the name IHP's code gets from PostgreSQL for prefix+base.
@@ -237,6 +241,10 @@ type names struct {
 	// setting is the custom run-time setting in which a transaction keeps
 	// what it has already announced on the channel.
 	setting string
+	// The notify gate's advisory lock keys (see gate.go), one pair per
+	// table, in the single-bigint key space (IHP's installation lock uses
+	// two int4s, a space of its own).
+	notifyKey, skipKey int64
 }
 
 func deriveNames(tableName string) (names, error) {
@@ -260,7 +268,17 @@ func deriveNames(tableName string) (names, error) {
 		rowFunction:       ownName(rowFunctionPrefix, b),
 		counter:           ownName(counterPrefix, b),
 		setting:           "jobwatch.t" + hex.EncodeToString(sum[:8]),
+		notifyKey:         lockKey("notify", b),
+		skipKey:           lockKey("skip", b),
 	}, nil
+}
+
+// lockKey derives an advisory lock key from a purpose and a table's base
+// name: the first 8 bytes of a SHA-256, so that it needs no hashing on the
+// server.
+func lockKey(purpose, base string) int64 {
+	sum := sha256.Sum256([]byte("jobwatch " + purpose + "\x00" + base))
+	return int64(binary.BigEndian.Uint64(sum[:8]))
 }
 
 // QuoteTableName reads tableName as every function of this package does

@@ -37,6 +37,34 @@ const maxDueCount = 1000
 // PostgreSQL merges identical ones, so "" and "poll" need no bound.
 const maxAnnouncements = 4
 
+// maxTimestampSeconds is about the latest time PostgreSQL's timestamps
+// hold (294276 AD), in seconds since 1970: a payload time beyond it was
+// not sent by a trigger.
+const maxTimestampSeconds = 9.2e12
+
+// unixSeconds converts seconds since 1970, finite and within
+// ±maxTimestampSeconds, to a time.
+func unixSeconds(secs float64) time.Time {
+	whole := math.Floor(secs)
+	return time.Unix(int64(whole), int64((secs-whole)*1e9))
+}
+
+// seconds converts a number of seconds to a Duration, saturating at
+// ±9e9 seconds (285 years, just short of the largest Duration) instead of
+// overflowing; NaN is 0.
+func seconds(secs float64) time.Duration {
+	const limit = 9e9
+	switch {
+	case math.IsNaN(secs):
+		return 0
+	case secs >= limit:
+		return limit * time.Second
+	case secs <= -limit:
+		return -limit * time.Second
+	}
+	return time.Duration(secs * float64(time.Second))
+}
+
 // Payload is a notification payload of jobwatch's triggers, decoded.
 type Payload struct {
 	Due   int64         // jobs due now: n for "due:<n>", 1 for "" (and anything unknown); 0 otherwise
@@ -64,14 +92,13 @@ func ParsePayload(p string) Payload {
 			return out
 		}
 	case strings.HasPrefix(p, payloadAt):
-		if secs, err := strconv.ParseFloat(p[len(payloadAt):], 64); err == nil && secs > 0 {
-			whole := math.Floor(secs)
-			out.At = time.Unix(int64(whole), int64((secs-whole)*1e9))
+		if secs, err := strconv.ParseFloat(p[len(payloadAt):], 64); err == nil && secs > 0 && secs <= maxTimestampSeconds {
+			out.At = unixSeconds(secs)
 			return out
 		}
 	case strings.HasPrefix(p, payloadIn):
-		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil && secs > 0 {
-			out.In = time.Duration(secs * float64(time.Second))
+		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil && secs > 0 && secs <= maxTimestampSeconds {
+			out.In = seconds(secs)
 			return out
 		}
 	}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math"
 	"math/rand/v2"
 	"strconv"
 	"sync"
@@ -333,12 +332,12 @@ func (p *Poller) poll(ctx context.Context, trailOnly bool) {
 	var count int64
 	var next *float64
 	var server float64
-	var open bool
+	var open, readable bool
 	var skips int64
 	start := time.Now()
 	var err error
 	if p.gate.on {
-		err = p.pool.QueryRow(ctx, p.query+`, `+gateColumns, p.names.channel, p.gate.counter).Scan(&count, &next, &server, &open, &skips)
+		err = p.pool.QueryRow(ctx, p.query+`, `+gateColumns, p.gateArgs()...).Scan(&count, &next, &server, &open, &skips, &readable)
 	} else {
 		err = p.pool.QueryRow(ctx, p.query).Scan(&count, &next, &server)
 	}
@@ -370,8 +369,7 @@ func (p *Poller) poll(ctx context.Context, trailOnly bool) {
 	if skipped {
 		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
 	}
-	whole := math.Floor(server)
-	serverAt := time.Unix(int64(whole), int64((server-whole)*1e9))
+	serverAt := unixSeconds(server)
 	p.mu.Lock()
 	p.offset = serverAt.Sub(start.Add(end.Sub(start) / 2))
 	p.mu.Unlock()
@@ -381,6 +379,6 @@ func (p *Poller) poll(ctx context.Context, trailOnly bool) {
 		p.stats.wake(min(count, p.stats.room()))
 	}
 	if next != nil {
-		p.scheduleIn(time.Duration(*next * float64(time.Second)))
+		p.scheduleIn(seconds(*next))
 	}
 }

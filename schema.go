@@ -1,18 +1,26 @@
 package jobwatch
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/jackc/pgx/v5"
+)
 
 // The job table's SQL facts, stated once for the triggers, the poller and
 // CreateJobTableSQL.
 const (
 	// pendingStatuses lists the statuses of a job that waits to run.
 	pendingStatuses = `'job_status_not_started', 'job_status_retry'`
+	// pendingStatusArray is the same list as a text[], for the trigger
+	// bodies' schema-qualified = ANY (see triggers.sql).
+	pendingStatusArray = `'{job_status_not_started,job_status_retry}'::pg_catalog.text[]`
 	// pendingNow is the spec's condition for a job that can run now. It
 	// compares status with the list as the column's own type, so that the
 	// partial index CreateJobTableSQL makes serves it.
 	pendingNow = `status IN (` + pendingStatuses + `) AND locked_by IS NULL AND run_at <= now()`
-	// pendingLater is the condition for a job scheduled for later.
-	pendingLater = `status IN (` + pendingStatuses + `) AND locked_by IS NULL AND run_at > now()`
+	// pendingLater is the condition for a job scheduled for later: a job
+	// at 'infinity' is never due, so not scheduled either.
+	pendingLater = `status IN (` + pendingStatuses + `) AND locked_by IS NULL AND run_at > now() AND run_at < 'infinity'`
 	// pendingIndexPredicate is the partial index's predicate: pendingNow
 	// without the time, which an index predicate cannot hold.
 	pendingIndexPredicate = `status IN (` + pendingStatuses + `) AND locked_by IS NULL`
@@ -32,7 +40,10 @@ func CreateJobTableSQL(tableName string) string {
 		return raiseSQL(err)
 	}
 	table := n.table.quoted()
-	typ := n.table.qualify("job_status")
+	typ := ident("job_status")
+	if n.table.schema != "" {
+		typ = pgx.Identifier{n.table.schema, "job_status"}.Sanitize()
+	}
 	return fmt.Sprintf(`DO $$ BEGIN
     CREATE TYPE %[2]s AS ENUM ('job_status_not_started', 'job_status_running',
         'job_status_failed', 'job_status_timed_out', 'job_status_succeeded', 'job_status_retry');

@@ -304,7 +304,7 @@ func FuzzTriggerSQL(f *testing.F) {
 	for _, s := range []string{"jobs", `"a$jobwatch$b"`, `"$jobwatch_fn$"`, `"$jobwatch0$$jobwatch$"`, `x.";DROP"`, `"it's"`, `"back\slash"`} {
 		f.Add(s)
 	}
-	bodyTag := regexp.MustCompile(`_body text := (\$[a-z_0-9]*\$)`)
+	bodyTag := regexp.MustCompile(`_body pg_catalog.text := (\$[a-z_0-9]*\$)`)
 	f.Fuzz(func(t *testing.T, name string) {
 		sql := jobwatch.CreateNotificationTriggerSQL(name)
 		if !strings.HasPrefix(sql, "DO $") {
@@ -331,7 +331,7 @@ func FuzzTriggerSQL(f *testing.F) {
 func TestTriggerSQLBodies(t *testing.T) {
 	t.Parallel()
 	sql := jobwatch.CreateNotificationTriggerSQL(`"$jobwatch_fn$"`)
-	assert.Equal(t, 3, strings.Count(sql, "_body text := $jobwatch_fn0$"), sql)
+	assert.Equal(t, 3, strings.Count(sql, "_body pg_catalog.text := $jobwatch_fn0$"), sql)
 }
 
 func TestQuoteTableName(t *testing.T) {
