@@ -29,7 +29,9 @@ import (
 // second sent a second after the first, mean notifications do not arrive.
 // It then logs one error naming the likely cause, with what it found of
 // both connections, and the watches poll every WithFallbackPollInterval
-// until a probe arrives again, which is logged once too.
+// until a probe arrives again, which is logged once too. A Listener that
+// cannot connect hears nothing either: when it has been down for as long
+// as a failed check takes, without a break, the watches poll around it.
 
 // probePrefix starts the payload of a probe.
 const probePrefix = "probe:"
@@ -41,14 +43,15 @@ const deliveryRemind = 5 * time.Minute
 // deliveryRetry is how soon a lost probe is followed by a second one.
 const deliveryRetry = time.Second
 
-// deliveryCheck is the check for one Listener and pool.
-type deliveryCheck struct {
+// poolGroup is what a Listener keeps for one pool its watches use: the
+// watches, whether notifications reach them (the delivery check's
+// finding, the one place that state lives), and the checks run for them.
+type poolGroup struct {
 	l        *Listener
 	pool     *pgxpool.Pool
 	problems problemLog
-	cancel   context.CancelFunc
-	done     chan struct{}
-	nudge    chan struct{} // buffered(1): the Listener lost its connection
+	delivery *deliveryCheck // nil with the check off
+	gate     *gateCheck     // started by the first watch that follows a gate
 
 	mu        sync.Mutex
 	watches   map[*Watch]bool
@@ -56,80 +59,174 @@ type deliveryCheck struct {
 	changedAt time.Time
 }
 
-// joinDeliveryCheck adds w to the check of l and pool, starting it if w is
-// the first, and returns it; nil when the check is off.
-func (l *Listener) joinDeliveryCheck(pool *pgxpool.Pool, w *Watch) *deliveryCheck {
-	if l.opts.deliveryInterval <= 0 {
-		return nil
-	}
+// join adds w to the group of l and pool, starting it if w is the first,
+// and returns it; nil once the Listener is closed.
+func (l *Listener) join(pool *pgxpool.Pool, w *Watch) *poolGroup {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
 		return nil
 	}
-	c := l.checks[pool]
-	if c == nil {
-		ctx, cancel := context.WithCancel(l.ctx)
-		c = &deliveryCheck{
-			l: l, pool: pool, cancel: cancel, done: make(chan struct{}), nudge: make(chan struct{}, 1),
-			problems: problemLog{log: l.log, remind: deliveryRemind},
-			watches:  map[*Watch]bool{}, working: true, changedAt: time.Now(),
+	g := l.groups[pool]
+	if g == nil {
+		g = &poolGroup{
+			l: l, pool: pool, problems: problemLog{log: l.log, remind: deliveryRemind},
+			watches: map[*Watch]bool{}, working: true, changedAt: time.Now(),
 		}
-		l.checks[pool] = c
-		go c.run(ctx)
+		if l.opts.deliveryInterval > 0 {
+			g.delivery = startDeliveryCheck(l.ctx, l, g)
+		}
+		l.groups[pool] = g
 	}
-	c.mu.Lock()
-	c.watches[w] = true
-	c.mu.Unlock()
-	return c
+	if g.gate == nil && w.poller.followsGate() {
+		g.gate = startGateCheck(l.ctx, l, g)
+	}
+	g.mu.Lock()
+	g.watches[w] = true
+	g.mu.Unlock()
+	return g
 }
 
-// leave removes w; the last watch to leave stops the check.
-func (c *deliveryCheck) leave(w *Watch) {
-	if c == nil {
+// members returns the group's watches.
+func (g *poolGroup) members() []*Watch {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	out := make([]*Watch, 0, len(g.watches))
+	for w := range g.watches {
+		out = append(out, w)
+	}
+	return out
+}
+
+// leave removes w; the last watch to leave stops the group's checks.
+func (g *poolGroup) leave(w *Watch) {
+	if g == nil {
 		return
 	}
-	l := c.l
+	l := g.l
 	l.mu.Lock()
-	c.mu.Lock()
-	delete(c.watches, w)
-	last := len(c.watches) == 0
-	c.mu.Unlock()
-	if last && l.checks[c.pool] == c {
-		delete(l.checks, c.pool)
+	g.mu.Lock()
+	delete(g.watches, w)
+	last := len(g.watches) == 0
+	g.mu.Unlock()
+	if last && l.groups[g.pool] == g {
+		delete(l.groups, g.pool)
 	}
 	l.mu.Unlock()
 	if last {
+		g.delivery.stop()
+		g.gate.stop()
+	}
+}
+
+// state returns whether notifications arrive and since when that holds.
+// A watch reads it whenever its poller plans, so no change is ever lost.
+func (g *poolGroup) state() (bool, time.Time) {
+	if g == nil {
+		return false, time.Time{}
+	}
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.working, g.changedAt
+}
+
+// set records whether notifications arrive and, on a change, logs it once
+// and has every watch's poller plan again.
+func (g *poolGroup) set(working bool, cause string) {
+	g.mu.Lock()
+	changed := g.working != working
+	if changed {
+		g.working, g.changedAt = working, time.Now()
+	}
+	g.mu.Unlock()
+	watches := g.members()
+	if working {
+		g.problems.clear("jobwatch: notifications arrive again; polling at the normal interval")
+	} else {
+		g.problems.report(slog.LevelError, cause,
+			"jobwatch: notifications do not reach the Listener: jobs are found by polling every fallback interval until they do",
+			"cause", cause, "fallback_poll", fallbackOf(watches))
+	}
+	if changed {
+		for _, w := range watches {
+			w.poller.signal()
+		}
+	}
+}
+
+// connectionLost is called by the Listener when its connection goes.
+func (g *poolGroup) connectionLost() { g.delivery.nudge() }
+
+// listenerClosed is called by Close while watches still use the Listener:
+// nothing will reach them any more.
+func (g *poolGroup) listenerClosed() {
+	g.set(false, "the Listener was closed while watches still use it (close the watches first)")
+}
+
+func fallbackOf(watches []*Watch) time.Duration {
+	if len(watches) == 0 {
+		return defaultFallbackPoll
+	}
+	return watches[0].fallback
+}
+
+// probeTarget is what the delivery check needs of its Listener.
+type probeTarget interface {
+	connection() (connState, <-chan struct{})
+	probeChannel() string
+	expectProbe(token string) <-chan struct{}
+	forgetProbe(token string)
+	retryNow()
+}
+
+// deliveryCheck is the check for one Listener and pool.
+type deliveryCheck struct {
+	target           probeTarget
+	pool             *pgxpool.Pool
+	group            *poolGroup
+	interval, wait   time.Duration
+	probes, lostOnes func() // count probes sent and lost
+	cancel           context.CancelFunc
+	done             chan struct{}
+	nudges           chan struct{} // buffered(1): the Listener lost its connection
+}
+
+func startDeliveryCheck(ctx context.Context, l *Listener, g *poolGroup) *deliveryCheck {
+	ctx, cancel := context.WithCancel(ctx)
+	c := &deliveryCheck{
+		target: l, pool: g.pool, group: g,
+		interval: l.opts.deliveryInterval, wait: l.opts.deliveryTimeout,
+		probes:   func() { l.stats.probes.Add(1); l.stats.queries.Add(1) },
+		lostOnes: func() { l.stats.probesLost.Add(1) },
+		cancel:   cancel, done: make(chan struct{}), nudges: make(chan struct{}, 1),
+	}
+	go c.run(ctx)
+	return c
+}
+
+func (c *deliveryCheck) stop() {
+	if c != nil {
 		c.cancel()
 		<-c.done
 	}
 }
 
-// connectionLost is called by the Listener when its connection goes: the
-// check then looks every second whether the pool reaches a server again.
-func (c *deliveryCheck) connectionLost() {
+// nudge makes the check look now whether the pool reaches a server.
+func (c *deliveryCheck) nudge() {
+	if c == nil {
+		return
+	}
 	select {
-	case c.nudge <- struct{}{}:
+	case c.nudges <- struct{}{}:
 	default:
 	}
 }
 
-// state returns whether notifications arrive and since when that holds.
-func (c *deliveryCheck) state() (bool, time.Time) {
-	if c == nil {
-		return false, time.Time{}
-	}
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.working, c.changedAt
-}
-
 func (c *deliveryCheck) run(ctx context.Context) {
 	defer close(c.done)
-	interval := c.l.opts.deliveryInterval
 	next := time.Duration(0) // the first probe as soon as the Listener is connected
 	lost := 0
-	var down time.Time // since when the Listener is not connected
+	var down time.Time // since when the Listener has been down without a break
 	for {
 		t := time.NewTimer(next)
 		select {
@@ -137,38 +234,45 @@ func (c *deliveryCheck) run(ctx context.Context) {
 			t.Stop()
 			return
 		case <-t.C:
-		case <-c.nudge:
+		case <-c.nudges:
 			t.Stop()
 		}
-		next = interval
+		next = c.interval
 		outcome, cause := c.probe(ctx)
+		if st, _ := c.target.connection(); st.up {
+			down = time.Time{} // a blip that is over is no outage
+		} else if down.IsZero() {
+			down = time.Now()
+		}
 		switch outcome {
 		case probeArrived:
 			lost = 0
-			c.set(true, "")
+			c.group.set(true, "")
 		case probeLost:
 			lost++
 			if lost == 1 {
 				next = deliveryRetry // a second probe before saying anything
 			} else {
-				c.set(false, cause)
+				c.group.set(false, cause)
 			}
 		case probeInconclusive:
-			if c.l.stats.connected.Load() {
-				down = time.Time{}
+			if down.IsZero() {
 				break
 			}
-			// A Listener that cannot connect hears nothing either: after
-			// as long as a probe takes to fail twice, poll around it.
-			if down.IsZero() {
-				down = time.Now()
-			}
-			if time.Since(down) >= interval+c.l.opts.deliveryTimeout {
-				c.set(false, "the Listener is not connected: "+c.l.lastError())
+			if time.Since(down) >= c.interval+c.wait {
+				st, _ := c.target.connection()
+				c.group.set(false, "the Listener is not connected: "+errorText(st.err))
 			}
 			next = deliveryRetry
 		}
 	}
+}
+
+func errorText(err error) string {
+	if err == nil {
+		return "not connected yet"
+	}
+	return err.Error()
 }
 
 type probeOutcome int
@@ -182,30 +286,30 @@ const (
 // probe sends one probe through the pool and waits for the Listener to
 // receive it. For a lost probe it says the likely cause.
 func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
-	l := c.l
-	if !l.stats.connected.Load() {
+	before, _ := c.target.connection()
+	if !before.up {
 		// While the Listener retries on its backoff, a pool that reaches a
 		// server again (after a failover, a restart) means it should try
 		// now rather than at the end of a delay that grew with the outage.
-		pingCtx, cancel := context.WithTimeout(ctx, l.opts.deliveryTimeout)
+		// Queries are never cut short by stop: pgx would discard the
+		// pool's connection.
+		pingCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.wait)
 		defer cancel()
 		if _, err := c.pool.Exec(pingCtx, "SELECT 1"); err == nil {
-			l.retryNow()
+			c.target.retryNow()
 		}
 		return probeInconclusive, ""
 	}
-	connects := l.stats.connects.Load()
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	token := hex.EncodeToString(b[:])
-	arrived := l.expectProbe(token)
-	defer l.forgetProbe(token)
+	arrived := c.target.expectProbe(token)
+	defer c.target.forgetProbe(token)
 
-	timeout := l.opts.deliveryTimeout
-	sendCtx, cancel := context.WithTimeout(ctx, timeout)
-	_, err := c.pool.Exec(sendCtx, "SELECT pg_notify($1, $2)", l.healthChannel, probePrefix+token)
+	sendCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.wait)
+	_, err := c.pool.Exec(sendCtx, "SELECT pg_notify($1, $2)", c.target.probeChannel(), probePrefix+token)
 	cancel()
-	l.stats.probes.Add(1)
+	c.probes()
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == sqlstateReadOnly {
@@ -213,7 +317,7 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 		}
 		return probeInconclusive, "" // the pool is down: the polls say so
 	}
-	wait := time.NewTimer(timeout)
+	wait := time.NewTimer(c.wait)
 	defer wait.Stop()
 	select {
 	case <-arrived:
@@ -222,21 +326,20 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 		return probeInconclusive, ""
 	case <-wait.C:
 	}
-	if l.stats.connects.Load() != connects || !l.stats.connected.Load() {
+	if after, _ := c.target.connection(); after.gen != before.gen || !after.up {
 		return probeInconclusive, "" // lost with a connection
 	}
-	l.stats.probesLost.Add(1)
-	return probeLost, c.diagnose(ctx)
+	c.lostOnes()
+	return probeLost, c.diagnose(ctx, before.server)
 }
 
 // diagnose compares the Listener's server and database with the pool's
 // and names the most likely reason a probe was lost.
-func (c *deliveryCheck) diagnose(ctx context.Context) string {
-	ctx, cancel := context.WithTimeout(ctx, c.l.opts.deliveryTimeout)
+func (c *deliveryCheck) diagnose(ctx context.Context, listener serverIdentity) string {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.wait)
 	defer cancel()
 	var pool serverIdentity
 	err := c.pool.QueryRow(ctx, serverIdentitySQL).Scan(&pool.database, &pool.started, &pool.recovery)
-	listener := c.l.identity()
 	switch {
 	case err != nil:
 		return "unknown (the pool could not say which server it is on: " + err.Error() + ")"
@@ -252,42 +355,6 @@ func (c *deliveryCheck) diagnose(ctx context.Context) string {
 		"connect the Listener directly to PostgreSQL or through a session-mode pool"
 }
 
-// set records whether notifications arrive and, on a change, logs it once
-// and tells every watch.
-func (c *deliveryCheck) set(working bool, cause string) {
-	c.mu.Lock()
-	changed := c.working != working
-	watches := make([]*Watch, 0, len(c.watches))
-	for w := range c.watches {
-		watches = append(watches, w)
-	}
-	c.mu.Unlock()
-	if working {
-		c.problems.clear("jobwatch: notifications arrive again; polling at the normal interval")
-	} else {
-		c.problems.report(slog.LevelError, cause,
-			"jobwatch: notifications do not reach the Listener: a NOTIFY sent through the pool was not received, twice. "+
-				"Jobs are found by polling every fallback interval until they do.",
-			"cause", cause, "fallback_poll", fallbackOf(watches))
-	}
-	if changed {
-		// The watches first, then the state their Stats report.
-		for _, w := range watches {
-			w.deliveryChanged(working)
-		}
-		c.mu.Lock()
-		c.working, c.changedAt = working, time.Now()
-		c.mu.Unlock()
-	}
-}
-
-func fallbackOf(watches []*Watch) time.Duration {
-	if len(watches) == 0 {
-		return defaultFallbackPoll
-	}
-	return watches[0].fallback
-}
-
 // serverIdentity is what a connection says of where it is.
 type serverIdentity struct {
 	database string
@@ -296,6 +363,9 @@ type serverIdentity struct {
 }
 
 const serverIdentitySQL = `SELECT current_database(), pg_postmaster_start_time()::text, pg_is_in_recovery()`
+
+// probeChannel is the Listener's private channel, where probes go.
+func (l *Listener) probeChannel() string { return l.healthChannel }
 
 // expectProbe registers a probe token; the returned channel is closed when
 // the Listener receives it.
@@ -322,22 +392,6 @@ func (l *Listener) probeArrived(token string) {
 	if ch != nil {
 		close(ch)
 	}
-}
-
-// lastError is the Listener's last connection error, as text.
-func (l *Listener) lastError() string {
-	if e := l.stats.lastErr.Load(); e != nil {
-		return e.err.Error()
-	}
-	return "not connected yet"
-}
-
-// identity returns what the Listener's connection said of its server at
-// connect.
-func (l *Listener) identity() serverIdentity {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.server
 }
 
 // WithDeliveryCheck sets how often a Listener proves, for each pool its

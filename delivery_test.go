@@ -2,6 +2,7 @@ package jobwatch_test
 
 import (
 	"context"
+	"log/slog"
 	"testing"
 	"time"
 
@@ -171,4 +172,84 @@ func startWatchWith(t *testing.T, d db, listenerURL string, pool *pgxpool.Pool, 
 	t.Helper()
 	l := testListener(t, listenerURL, append(listenerOpts, logger)...)
 	return d.watch(t, logger, watchSetup{listener: l, pool: pool})
+}
+
+// TestWatchJoiningAsDeliveryFails: a watch that starts while the delivery
+// check is deciding that notifications do not arrive (here: held in the
+// middle of its decision by a log handler that blocks on the error it
+// logs) polls at the fallback interval like the others, instead of
+// keeping the state it joined with.
+func TestWatchJoiningAsDeliveryFails(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	other := newDB(t)
+	_, opt := newLogs(t)
+	h := &blockingHandler{match: "notifications do not reach", blocked: make(chan struct{}), release: make(chan struct{})}
+	l := testListener(t, other.url, jobwatch.WithLogger(slog.New(h)), fastCheck)
+	first, _, _ := d.watch(t, opt, watchSetup{listener: l})
+	select {
+	case <-h.blocked:
+	case <-time.After(waitLimit):
+		t.Fatal("the delivery check never decided")
+	}
+	late, _, _ := d.watch(t, opt, watchSetup{listener: l, noTable: true})
+	close(h.release)
+	for _, w := range []*jobwatch.Watch{first, late} {
+		eventually(t, "polling at the fallback interval", func() bool {
+			s := w.Stats()
+			return !s.NotificationsWorking && s.PollInterval == time.Second
+		})
+	}
+	polls := late.Stats().Polls
+	eventually(t, "the late watch polls every second", func() bool { return late.Stats().Polls >= polls+2 })
+}
+
+// TestBriefDisconnectsNoFalseAlarm: the Listener's connection is cut
+// twice, 6s apart, and comes back at once each time. Nothing says
+// notifications fail, no watch falls back to polling, and the loss is
+// logged once, not once per drop.
+func TestBriefDisconnectsNoFalseAlarm(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	p, cfg := newProxy(t, d.url)
+	l, err := jobwatch.NewListenerConfig(cfg, opt, fastCheck)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	w, _, _ := d.watch(t, opt, watchSetup{listener: l})
+	var cut time.Time
+	for i := range 2 {
+		// A connection that lived 5s is replaced without backoff: each
+		// outage lasts a reconnect.
+		eventually(t, "6s since the last cut", func() bool { return time.Since(cut) > 6*time.Second })
+		connects := l.Stats().Connects
+		p.cut()
+		cut = time.Now()
+		eventually(t, "reconnected", func() bool { return l.Stats().Connects > connects && l.Stats().Connected })
+		probes := l.Stats().DeliveryProbes
+		eventually(t, "probes again", func() bool { return l.Stats().DeliveryProbes > probes+3 })
+		assert.True(t, w.Stats().NotificationsWorking, "after cut %d", i+1)
+		assert.Equal(t, time.Hour, w.Stats().PollInterval, "after cut %d", i+1)
+	}
+	assert.NotContains(t, lg.String(), "notifications do not reach")
+	assert.Equal(t, 1, lg.lines("listener connection lost"), "logged once")
+}
+
+// TestListenerClosedUnderWatches: the Listener is closed before the
+// watches that use it. Each watch says so once, reports notifications as
+// not working, and polls at its fallback interval until it is closed.
+func TestListenerClosedUnderWatches(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	l := testListener(t, d.url, opt)
+	w, ch, _ := d.watch(t, opt, watchSetup{listener: l})
+	require.NoError(t, l.Close())
+	eventually(t, "the watch knows", func() bool {
+		s := w.Stats()
+		return !s.NotificationsWorking && s.PollInterval == time.Second
+	})
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	waitWake(t, ch, "found by the fallback poll")
+	assert.Equal(t, 1, lg.lines("Listener was closed while watches still use it"))
 }

@@ -284,12 +284,17 @@ func (d *diagnosis) queue(ctx context.Context) {
 // delivery runs the delivery check's probe, twice at most, through a
 // Listener of its own on the Listener's connection string.
 func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
-	if _, err := l.subscribe(d.names.channel, func(Notification) {}); err != nil || !l.stats.connected.Load() {
-		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+l.lastError(),
+	if _, err := l.subscribe(ctx, d.names.channel, func(Notification) {}); err != nil {
+		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+err.Error(),
 			"point the Listener at the primary, directly or through a session-mode pool")
 		return
 	}
-	c := &deliveryCheck{l: l, pool: d.pool}
+	if st, _ := l.connection(); !st.up {
+		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+errorText(st.err),
+			"point the Listener at the primary, directly or through a session-mode pool")
+		return
+	}
+	c := &deliveryCheck{target: l, pool: d.pool, wait: l.opts.deliveryTimeout, probes: func() {}, lostOnes: func() {}}
 	cause := "nothing arrived"
 	for range 2 {
 		start := time.Now()

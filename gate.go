@@ -2,6 +2,7 @@ package jobwatch
 
 import (
 	"context"
+	"log/slog"
 	"time"
 )
 
@@ -13,85 +14,76 @@ import (
 // producers commit in single file. The gate lets one transaction per table
 // notify at a time, the one that holds the table's notify key (a
 // transaction-level advisory lock) until it ends; the others skip their
-// NOTIFY and commit in parallel.
+// NOTIFY and commit in parallel. The trigger's part is in triggers.sql.
 //
 // A skipped job is not lost. A skipping transaction holds the skip key in
 // shared mode until it ends, so that "a skipper is open" can be seen, and
 // bumps the table's skip counter, a sequence, whose value every session
-// sees at once, commit or not. A watch checks the counter after each gated
-// notification and every gateCheckEvery besides; when it moved, or when a
-// skipper it saw open has ended, it polls; while a skipper is open it
-// checks again, 5ms later, then backing off to gateCheckEvery. So a skipped
+// sees at once, commit or not; it skips only when it can do both without
+// waiting, and otherwise notifies. A watch polls gateTrail after each
+// gated notification, reading the gate with its count; each Listener
+// checks, every gateCheckEvery, the gate of every table whose watch has
+// not looked meanwhile, in one query per pool. When the counter moved, or
+// a skipper seen open has ended, the watch polls; while one is open it
+// looks again, 5ms later, then backing off to gateCheckEvery. So a skipped
 // job is woken within gateCheckEvery of its commit whatever the key's
-// holder does (stay open for a minute, roll back, die), and within a few
+// holder does (stay open for a minute, roll back, die, or belong to
+// another role that holds the key for ever), and within a few
 // milliseconds under load, where gated notifications come all the time.
-
-// The gate's part of the statement trigger's body is in triggers.sql: an
-// INSERT that fails to take the table's notify key (names.notifyKey) takes
-// the skip key (names.skipKey) in shared mode and bumps the skip counter,
-// each only when it can without waiting; otherwise it notifies.
 
 // gateColumns are, for the skip key $1 and the table $2 (quoted) with its
 // skip counter named $3, whether a skipping transaction is still open (it
 // holds the skip key in shared mode, so an exclusive try fails), the
 // counter's value (0 before its first skip, or when it does not exist),
-// and whether this role may read it. A watch's poll reads them with its
-// count; gateCheckSQL reads them alone.
-const gateColumns = `NOT CASE WHEN pg_try_advisory_lock($1::int8) THEN pg_advisory_unlock($1::int8) ELSE false END,
-	coalesce((SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT, USAGE') THEN pg_sequence_last_value(c.oid) END
-	            FROM pg_class c, pg_class t
-	           WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S'), 0),
+// and whether this role may read it (true when there is none). A watch's
+// poll reads them with its count.
+const gateColumns = `g.open, coalesce(g.skips, 0), g.readable FROM (` + gateRowSQL + `) g`
+
+// gateRowSQL reads one table's gate; gateCheckSQL reads many.
+const gateRowSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock($1::int8) THEN pg_advisory_unlock($1::int8) ELSE false END AS open,
+	(SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT, USAGE') THEN pg_sequence_last_value(c.oid) END
+	   FROM pg_class c, pg_class t
+	  WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S') AS skips,
 	coalesce((SELECT has_sequence_privilege(c.oid, 'SELECT, USAGE')
-	            FROM pg_class c, pg_class t
-	           WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S'), true)`
+	   FROM pg_class c, pg_class t
+	  WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S'), true) AS readable`
 
-const gateCheckSQL = `SELECT ` + gateColumns
+// gateCheckSQL reads the gate of every table in the arrays $1 (skip
+// keys), $2 (tables) and $3 (counters), a row each, in order.
+const gateCheckSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock(a.key) THEN pg_advisory_unlock(a.key) ELSE false END,
+	coalesce(s.skips, 0), coalesce(s.readable, true)
+  FROM unnest($1::int8[], $2::text[], $3::text[]) WITH ORDINALITY AS a(key, tbl, counter, i)
+  LEFT JOIN LATERAL (
+	SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT, USAGE') THEN pg_sequence_last_value(c.oid) END AS skips,
+	       has_sequence_privilege(c.oid, 'SELECT, USAGE') AS readable
+	  FROM pg_class c, pg_class t
+	 WHERE t.oid = to_regclass(a.tbl) AND c.relnamespace = t.relnamespace AND c.relname = a.counter AND c.relkind = 'S') s ON true
+ ORDER BY a.i`
 
-// How a watch follows the notify gate: it polls gateTrail
-// after a gated notification, and again after gateTrail doubling to
-// gateCheckEvery while a skipper is open; every gateCheckEvery besides it
-// checks the skip counter, and polls when it moved.
+// How a watch follows the notify gate: it polls gateTrail after a gated
+// notification, and again after gateTrail doubling to gateCheckEvery while
+// a skipper is open; every gateCheckEvery its Listener checks the skip
+// counter for it, unless it has looked meanwhile.
 const (
 	gateTrail      = 5 * time.Millisecond
 	gateCheckEvery = 500 * time.Millisecond
 )
 
-// gateState is what the poller last saw of the gate.
+// gateState is what a poller last saw of the gate, under its lock.
 type gateState struct {
-	on      bool  // the poller follows the gate (a watch of gated triggers)
-	checked bool  // a check or poll has run
-	skips   int64 // the counter then
-	open    bool  // a skipper was open then
-	trail   backoff
+	on       bool      // the poller follows the gate (a watch of gated triggers)
+	checked  bool      // a check or poll has run
+	skips    int64     // the counter then
+	open     bool      // a skipper was open then
+	blind    bool      // this role may not read the counter
+	lookedAt time.Time // the last check or poll
+	trail    backoff
 }
 
 // followGate makes the poller follow the notify gate (a watch's poller,
 // when the triggers are gated). Call it before start.
 func (p *Poller) followGate() {
 	p.gate = gateState{on: true, trail: backoff{min: gateTrail, max: gateCheckEvery}}
-	p.gateAt = time.Now()
-}
-
-// gateSoon asks for a poll gateTrail from now: a gated notification came.
-// Not at once: the wake-up it sent has a worker fetching now, and the
-// skippers behind the notifier are committing.
-func (p *Poller) gateSoon() {
-	if p.gate.on {
-		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
-	}
-}
-
-// checkGate is the light check: it reads the skip counter and whether a
-// skipper is open, sets the next check, and reports whether to poll.
-func (p *Poller) checkGate(ctx context.Context) bool {
-	var open, readable bool
-	var skips int64
-	err := p.pool.QueryRow(ctx, gateCheckSQL, p.gateArgs()...).Scan(&open, &skips, &readable)
-	p.setEarlier(&p.gateAt, time.Now().Add(gateCheckEvery))
-	if err != nil {
-		return false // the poll, if one comes, reports the server's trouble
-	}
-	return p.gateSeen(open, skips)
 }
 
 // gateArgs are the arguments of gateColumns.
@@ -99,19 +91,138 @@ func (p *Poller) gateArgs() []any {
 	return []any{p.names.skipKey, p.names.table.quoted(), p.names.counter}
 }
 
-// gateSeen records what a check or a poll saw of the gate and reports
-// whether a poll is called for: the counter moved (a skip happened since)
-// or a skipper was open last time (it may have committed since; while one
-// stays open every look polls, so that the others' jobs are not held up
-// by it). While one is open it asks for a poll after the trail delay.
-func (p *Poller) gateSeen(open bool, skips int64) bool {
+// gateSoon asks for a poll gateTrail from now: a gated notification came.
+// Not at once: the wake-up it sent has a worker fetching now, and the
+// skippers behind the notifier are committing.
+func (p *Poller) gateSoon() {
+	p.mu.Lock()
+	changed := p.gate.on && earlier(&p.sched.trailAt, time.Now().Add(gateTrail))
+	p.mu.Unlock()
+	if changed {
+		p.signal()
+	}
+}
+
+// gateDue reports whether the Listener's periodic check should look at
+// this poller's gate: it follows one and has not looked for a while.
+func (p *Poller) gateDue(now time.Time) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.gate.on && now.Sub(p.gate.lookedAt) >= gateCheckEvery-gateTrail
+}
+
+// gateChecked takes the Listener's periodic check of this poller's gate,
+// and polls when it calls for one.
+func (p *Poller) gateChecked(open bool, skips int64, readable bool) {
+	p.mu.Lock()
+	poll := p.gateSeenLocked(open, skips, readable)
+	if poll {
+		p.sched.pollNow = true
+	}
+	p.mu.Unlock()
+	p.signal()
+}
+
+// gateSeenLocked records what a check or a poll saw of the gate and
+// reports whether a poll is called for: the counter moved (a skip
+// happened since) or a skipper was open last time (it may have committed
+// since; while one stays open every look polls, so that the others' jobs
+// are not held up by it). While one is open it asks for a poll after the
+// trail delay. A counter this role may not read leaves skipped jobs to
+// the polls: it is said once, and the watch polls at its fallback
+// interval meanwhile. p.mu is held.
+func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) bool {
 	g := &p.gate
+	if !readable && !g.blind {
+		p.problems.report(slog.LevelError, "gate blind",
+			"jobwatch: cannot read the notify gate's skip counter: jobs whose transactions skipped their NOTIFY are found by polling every fallback interval. "+
+				"Fix: GRANT SELECT ON SEQUENCE to this role, or install the triggers WithNotifyGate(false)",
+			"table", p.names.table.raw, "counter", p.names.counter)
+	} else if readable && g.blind {
+		p.problems.clear("jobwatch: the notify gate's skip counter can be read again", "table", p.names.table.raw)
+	}
+	g.blind = !readable
 	poll := g.open || (g.checked && skips != g.skips)
-	g.checked, g.skips, g.open = true, skips, open
+	g.checked, g.skips, g.open, g.lookedAt = true, skips, open, time.Now()
 	if open {
-		p.setEarlier(&p.trailAt, time.Now().Add(g.trail.delay()))
+		earlier(&p.sched.trailAt, time.Now().Add(g.trail.delay()))
 	} else {
 		g.trail.reset()
 	}
 	return poll
+}
+
+// gateCheck is a Listener's periodic look at the gates of the tables its
+// watches of one pool follow: one query for all of them, every
+// gateCheckEvery, and none for a table whose watch has looked meanwhile
+// (under load, its trailing polls do) or when no watch follows a gate.
+type gateCheck struct {
+	group   *poolGroup
+	queries func() // counts one query
+	cancel  context.CancelFunc
+	done    chan struct{}
+}
+
+func startGateCheck(ctx context.Context, l *Listener, g *poolGroup) *gateCheck {
+	ctx, cancel := context.WithCancel(ctx)
+	c := &gateCheck{group: g, queries: func() { l.stats.queries.Add(1) }, cancel: cancel, done: make(chan struct{})}
+	go c.run(ctx)
+	return c
+}
+
+func (c *gateCheck) stop() {
+	if c != nil {
+		c.cancel()
+		<-c.done
+	}
+}
+
+func (c *gateCheck) run(ctx context.Context) {
+	defer close(c.done)
+	t := time.NewTicker(gateCheckEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c.check(ctx)
+	}
+}
+
+// check looks at the gate of every due watch of the group at once.
+func (c *gateCheck) check(ctx context.Context) {
+	now := time.Now()
+	var due []*Poller
+	var keys []int64
+	var tables, counters []string
+	for _, w := range c.group.members() {
+		if p := w.poller; p.gateDue(now) {
+			due = append(due, p)
+			keys = append(keys, p.names.skipKey)
+			tables = append(tables, p.names.table.quoted())
+			counters = append(counters, p.names.counter)
+		}
+	}
+	if len(due) == 0 {
+		return
+	}
+	// Not cut short by stop: pgx would discard the pool's connection.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), gateCheckEvery)
+	defer cancel()
+	c.queries()
+	rows, err := c.group.pool.Query(ctx, gateCheckSQL, keys, tables, counters)
+	if err != nil {
+		return // the polls report the server's trouble
+	}
+	defer rows.Close()
+	for i := 0; rows.Next() && i < len(due); i++ {
+		var open, readable bool
+		var skips int64
+		if rows.Scan(&open, &skips, &readable) != nil {
+			return
+		}
+		due[i].gateChecked(open, skips, readable)
+	}
 }

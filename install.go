@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -184,7 +185,7 @@ func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableNa
 	if err != nil {
 		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, err)
 	}
-	if _, err := ensureTriggers(ctx, pool, n, o, true); err != nil {
+	if _, _, err := ensureTriggers(ctx, pool, n, o, true); err != nil {
 		return fmt.Errorf("jobwatch: %w", err)
 	}
 	return nil
@@ -192,20 +193,22 @@ func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableNa
 
 // ensureTriggers is EnsureNotificationTriggers after validation; bodies says
 // whether stale function bodies count. It reports what it installed ("" if
-// nothing).
-func ensureTriggers(ctx context.Context, q db, n names, o options, bodies bool) (string, error) {
+// nothing) and whether the triggers notify now (true when that is not
+// known, or there is no table).
+func ensureTriggers(ctx context.Context, q db, n names, o options, bodies bool) (found string, healthy bool, err error) {
 	s, err := readTriggerState(ctx, q, n, o.gate)
 	if err != nil {
-		return "", err
+		return "", true, err // unknown: the polls report the server's trouble
 	}
 	if !s.exists {
-		return "", fmt.Errorf("install notification triggers on %s: %w", n.table.raw, ErrTableNotFound)
+		// No table, no jobs to find faster: the installer's retries find it.
+		return "", true, fmt.Errorf("install notification triggers on %s: %w", n.table.raw, ErrTableNotFound)
 	}
 	if !s.needsInstall(bodies) {
-		return "", nil
+		return "", s.healthy, nil
 	}
 	if err := installTriggers(ctx, q, n, o.gate, s.partitioned); err != nil {
-		return "", err
+		return "", s.healthy, err
 	}
 	level, msg := slog.LevelInfo, "jobwatch: installed notification triggers"
 	if s.disabled() {
@@ -214,7 +217,7 @@ func ensureTriggers(ctx context.Context, q db, n names, o options, bodies bool) 
 		level, msg = slog.LevelWarn, "jobwatch: notification triggers were disabled, so nothing was notified; enabled them again"
 	}
 	o.logger.Log(ctx, level, msg, "table", n.table.raw, "found", s.what())
-	return s.what(), nil
+	return s.what(), true, nil
 }
 
 // installer keeps one table's notification triggers installed for a watch
@@ -229,10 +232,11 @@ type installer struct {
 	opts      options
 	stats     *counters
 	installed func() // after an install that made notifications work: the poller polls now
+	changed   func() // unhealthy changed
 	problems  problemLog
+	unhealthy atomic.Bool // the triggers do not notify and could not be made to
 
 	kick chan bool // a check is wanted; true: function bodies count
-	done chan struct{}
 }
 
 // installRemind is how often a failure that lasts is logged again.
@@ -240,10 +244,9 @@ const installRemind = 30 * time.Minute
 
 func newInstaller(pool *pgxpool.Pool, n names, o options, stats *counters) *installer {
 	return &installer{
-		pool: pool, names: n, opts: o, stats: stats, installed: func() {},
+		pool: pool, names: n, opts: o, stats: stats, installed: func() {}, changed: func() {},
 		problems: problemLog{log: o.logger, remind: installRemind},
 		kick:     make(chan bool, 1),
-		done:     make(chan struct{}),
 	}
 }
 
@@ -266,15 +269,15 @@ func (i *installer) request(bodies bool) {
 	}
 }
 
-// run serves requests and retries until ctx ends.
-func (i *installer) run(ctx context.Context) {
-	defer close(i.done)
+// run serves requests and retries until stop is closed; its queries run
+// under ctx.
+func (i *installer) run(ctx context.Context, stop <-chan struct{}) {
 	retry := backoff{min: i.opts.installMin, max: i.opts.installMax}
 	var timer <-chan time.Time
 	bodies := false
 	for {
 		select {
-		case <-ctx.Done():
+		case <-stop:
 			return
 		case b := <-i.kick:
 			bodies = bodies || b
@@ -294,9 +297,18 @@ func (i *installer) run(ctx context.Context) {
 // bodies says whether stale function bodies count.
 func (i *installer) check(ctx context.Context, bodies bool) bool {
 	n := i.names
-	found, err := ensureTriggers(ctx, i.pool, n, i.opts, bodies)
+	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
+	defer cancel()
+	found, healthy, err := ensureTriggers(ctx, i.pool, n, i.opts, bodies)
+	i.stats.queries.Add(1)
+	if found != "" {
+		i.stats.queries.Add(1) // the script
+	}
 	if ctx.Err() != nil {
 		return true
+	}
+	if i.unhealthy.Swap(!healthy) != !healthy {
+		i.changed() // the watch polls at its fallback interval while they do not notify
 	}
 	if err == nil {
 		if found != "" {
@@ -317,6 +329,12 @@ func (i *installer) check(ctx context.Context, bodies bool) bool {
 		i.problems.report(slog.LevelError, "permission",
 			"jobwatch: notification triggers need installing and this role may not: jobs are found by polling only. "+
 				"Fix: run jobwatch.CreateNotificationTriggerSQL(table) as the table's owner, in a migration for example",
+			"table", table, "error", err)
+	case errors.Is(err, ErrNameTaken):
+		i.stats.setError(err)
+		i.problems.report(slog.LevelError, "taken",
+			"jobwatch: notification triggers not installed: another role owns an object under a name they need; jobs are found by polling only. "+
+				"Fix: drop it (its owner could change what every INSERT runs), then the watch installs them",
 			"table", table, "error", err)
 	case errors.Is(err, ErrTriggersBusy):
 		i.problems.report(slog.LevelInfo, "busy", "jobwatch: notification triggers not installed now (a lock is held), retrying",

@@ -280,3 +280,33 @@ func TestSharedPrefixNeverCrossesChannels(t *testing.T) {
 		assert.Equal(t, 0, drain(cha)+drain(chb), "nobody woken twice")
 	}
 }
+
+// TestUnrepairableTriggersPollFaster: the triggers go missing under a
+// worker that may not install them, and its poll interval is an hour.
+// Once its installer has seen it (at a Listener reconnect here), the
+// watch polls at its fallback interval, so jobs still start within a
+// second, and back at its interval once a migration restored them.
+func TestUnrepairableTriggersPollFaster(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	worker := role(t, d)
+	d.exec(t, "GRANT SELECT, INSERT, UPDATE ON jobs TO "+worker)
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
+	pool := poolAs(t, d, worker)
+	listenerURL, err := pgtest.WithParam(d.with(t, "user", worker), "application_name", "jobwatch_unrepairable")
+	require.NoError(t, err)
+	w, ch, _ := d.watch(t, opt, watchSetup{listener: testListener(t, listenerURL, opt), pool: pool, noTable: true})
+	require.Equal(t, time.Hour, w.Stats().PollInterval)
+
+	d.exec(t, "DROP TRIGGER did_insert_job_jobs ON jobs")
+	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_unrepairable'")
+	eventually(t, "polling at the fallback interval", func() bool { return w.Stats().PollInterval == time.Second })
+	drain(ch)
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	waitWake(t, ch, "found by a fallback poll")
+
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
+	eventually(t, "back at the interval", func() bool { return w.Stats().PollInterval == time.Hour })
+}

@@ -21,11 +21,11 @@ type Notification struct {
 
 // Listener owns one dedicated connection that LISTENs on any number of
 // channels for any number of subscribers, like IHP's PGListener. It
-// connects on the first Subscribe. When the connection is lost it retries
-// at once, then with a delay doubling from 0.5s to 60s; after every
-// successful connect it replays every LISTEN and then runs the OnReconnect
-// callbacks. It checks the connection end to end at an interval (see
-// WithHealthCheck) and reconnects when the check fails.
+// connects on Start or the first Subscribe. When the connection is lost it
+// retries at once, then with a delay doubling from 0.5s to 60s; after
+// every successful connect it replays every LISTEN and then runs the
+// OnReconnect callbacks. It checks the connection end to end at an
+// interval (see WithHealthCheck) and reconnects when the check fails.
 //
 // The goroutine reading the connection never runs subscriber code: each
 // Subscription has its own goroutine and queue, so a slow or panicking
@@ -33,7 +33,9 @@ type Notification struct {
 // notification queue is drained however slow the subscribers are.
 //
 // The connection must be a session: directly to PostgreSQL, or through a
-// session-mode pooler. A Listener is safe for concurrent use.
+// session-mode pooler. A Listener is safe for concurrent use. Close the
+// watches that use it before it: a watch whose Listener is closed logs it
+// once and polls at its fallback interval until it is closed itself.
 type Listener struct {
 	config        *pgx.ConnConfig
 	opts          options
@@ -46,22 +48,20 @@ type Listener struct {
 	retry  chan struct{} // buffered(1): end the backoff now
 
 	mu        sync.Mutex
+	state     connState     // written by the connection loop only
+	changed   chan struct{} // closed and replaced when state changes
 	subs      map[string][]*Subscription
 	waiters   []*listenWaiter // Subscribe calls waiting for their LISTEN
-	changed   bool            // subs changed since the loop last applied them
+	pending   bool            // subs changed since the loop last applied them
 	interrupt context.CancelFunc
-	connected bool
 	callbacks []*reconnectCallback
 	started   bool
 	closed    bool
-	firstTry  chan struct{} // closed after the first connection attempt
+	probes    map[string]chan struct{} // delivery probes awaited
+	groups    map[*pgxpool.Pool]*poolGroup
 
-	probes map[string]chan struct{}         // delivery check tokens awaited
-	checks map[*pgxpool.Pool]*deliveryCheck // one per pool the watches use
-	server serverIdentity                   // what the connection said at connect
-
-	stats    listenerCounters
-	problems problemLog
+	stats   listenerCounters
+	connLog connLog // the connection loop's alone
 }
 
 type reconnectCallback struct {
@@ -116,34 +116,81 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 		cancel:        cancel,
 		done:          make(chan struct{}),
 		retry:         make(chan struct{}, 1),
+		changed:       make(chan struct{}),
 		subs:          make(map[string][]*Subscription),
-		firstTry:      make(chan struct{}),
 		probes:        make(map[string]chan struct{}),
-		checks:        make(map[*pgxpool.Pool]*deliveryCheck),
-		problems:      problemLog{log: o.logger, remind: connRemind},
+		groups:        make(map[*pgxpool.Pool]*poolGroup),
 	}, nil
+}
+
+// Start connects the Listener, if it has not started yet, and waits for
+// its first connection attempt, at most until ctx ends. It returns nil
+// when the Listener is connected and listening, and otherwise the error
+// of its last attempt: one that cannot connect, or whose LISTEN the server
+// refuses (a standby), says why. Either way the Listener goes on trying
+// in the background until Close. Start after Close returns
+// ErrListenerClosed.
+func (l *Listener) Start(ctx context.Context) error {
+	if l == nil {
+		return fmt.Errorf("jobwatch: listener: start: %w", ErrNilListener)
+	}
+	if err := l.start(ctx); err != nil {
+		return fmt.Errorf("jobwatch: %w", err)
+	}
+	return nil
+}
+
+// start is Start with errors not yet prefixed.
+func (l *Listener) start(ctx context.Context) error {
+	l.mu.Lock()
+	if l.closed {
+		l.mu.Unlock()
+		return fmt.Errorf("listener: start: %w", ErrListenerClosed)
+	}
+	if !l.started {
+		l.started = true
+		go l.run()
+	}
+	l.mu.Unlock()
+	for {
+		st, changed := l.connection()
+		switch {
+		case st.up:
+			return nil
+		case st.tried:
+			return st.err
+		}
+		select {
+		case <-changed:
+		case <-ctx.Done():
+			return fmt.Errorf("listener: start: %w", ctx.Err())
+		case <-l.done:
+			return fmt.Errorf("listener: start: %w", ErrListenerClosed)
+		}
+	}
 }
 
 // Subscribe calls callback for every notification on channel, in the order
 // received, on a goroutine of the subscription's own. The first Subscribe
-// starts the connection and waits for its first attempt. When Subscribe
-// returns nil and the Listener is connected, the channel is being listened
-// to; when it is not connected, the LISTEN is issued as soon as it
-// connects. When the server refuses the LISTEN, Subscribe returns its
+// starts the connection and waits for its first attempt (see Start). When
+// Subscribe returns nil and the Listener is connected, the channel is being
+// listened to; when it is not connected, the LISTEN is issued as soon as
+// it connects. When the server refuses the LISTEN, Subscribe returns its
 // error and nothing is subscribed. A panic in callback is logged and the
 // subscription goes on. While a callback runs, later notifications for it
 // wait in its queue, which has no bound: nothing is dropped, and a
 // callback that never returns holds them all.
 func (l *Listener) Subscribe(channel string, callback func(Notification)) (*Subscription, error) {
-	sub, err := l.subscribe(channel, callback)
+	sub, err := l.subscribe(context.Background(), channel, callback)
 	if err != nil {
 		return nil, fmt.Errorf("jobwatch: %w", err)
 	}
 	return sub, nil
 }
 
-// subscribe is Subscribe with errors not yet prefixed.
-func (l *Listener) subscribe(channel string, callback func(Notification)) (*Subscription, error) {
+// subscribe is Subscribe with errors not yet prefixed, waiting for the
+// first connection attempt at most until ctx ends.
+func (l *Listener) subscribe(ctx context.Context, channel string, callback func(Notification)) (*Subscription, error) {
 	switch {
 	case l == nil:
 		return nil, fmt.Errorf("subscribe %q: %w", channel, ErrNilListener)
@@ -166,19 +213,17 @@ func (l *Listener) subscribe(channel string, callback func(Notification)) (*Subs
 	if !l.started {
 		// The first Subscribe starts the loop and waits for its first
 		// attempt, whose connect LISTENs every channel.
-		l.started = true
 		l.mu.Unlock()
-		go l.run()
-		select {
-		case <-l.firstTry:
-		case <-l.done:
+		if err := l.start(ctx); errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			l.Unsubscribe(sub)
+			return nil, fmt.Errorf("subscribe %q: %w", channel, err)
 		}
 		return sub, nil
 	}
 	var w *listenWaiter
 	if !listened {
-		l.changed = true
-		if l.connected {
+		l.pending = true
+		if l.state.up {
 			w = &listenWaiter{channel: channel, result: make(chan error, 1)}
 			l.waiters = append(l.waiters, w)
 		}
@@ -227,7 +272,7 @@ func (l *Listener) Unsubscribe(sub *Subscription) {
 	if len(list) == 0 {
 		if _, ok := l.subs[sub.channel]; ok {
 			delete(l.subs, sub.channel)
-			l.changed = true
+			l.pending = true
 			l.wakeLoop()
 		}
 	} else {
@@ -241,14 +286,15 @@ func (l *Listener) Unsubscribe(sub *Subscription) {
 // (the first one included, as in IHP), once every LISTEN has been issued,
 // with the live connection. It runs on the Listener's connection goroutine,
 // so it should be quick; notifications that arrive meanwhile wait in the
-// socket. An error or panic from callback is logged.
+// socket. An error or panic from callback is logged. AfterReconnect does
+// the same and returns a function that removes the callback.
 func (l *Listener) OnReconnect(callback func(ctx context.Context, conn *pgx.Conn) error) {
-	l.addReconnect(callback)
+	l.AfterReconnect(callback)
 }
 
-// addReconnect is OnReconnect returning a function that removes the
-// callback again.
-func (l *Listener) addReconnect(callback func(ctx context.Context, conn *pgx.Conn) error) (remove func()) {
+// AfterReconnect is OnReconnect returning a function that removes the
+// callback again; calling it more than once does nothing more.
+func (l *Listener) AfterReconnect(callback func(ctx context.Context, conn *pgx.Conn) error) (remove func()) {
 	if l == nil || callback == nil {
 		return func() {}
 	}
@@ -270,8 +316,10 @@ func (l *Listener) addReconnect(callback func(ctx context.Context, conn *pgx.Con
 
 // Close stops the Listener: it closes the connection, stops every
 // subscription's goroutine and waits for them all to exit (a callback that
-// is running is waited for, so do not call Close from one). Subscribe after
-// Close returns ErrListenerClosed. Close is idempotent.
+// is running is waited for, so do not call Close from one). Watches still
+// using it are told: each logs it once and polls at its fallback interval
+// (close them first). Subscribe and Start after Close return
+// ErrListenerClosed. Close is idempotent.
 func (l *Listener) Close() error {
 	if l == nil {
 		return nil
@@ -289,9 +337,9 @@ func (l *Listener) Close() error {
 		subs = append(subs, list...)
 	}
 	l.subs = map[string][]*Subscription{}
-	var checks []*deliveryCheck
-	for _, c := range l.checks {
-		checks = append(checks, c)
+	groups := make([]*poolGroup, 0, len(l.groups))
+	for _, g := range l.groups {
+		groups = append(groups, g)
 	}
 	l.mu.Unlock()
 
@@ -301,8 +349,8 @@ func (l *Listener) Close() error {
 	} else {
 		close(l.done)
 	}
-	for _, c := range checks {
-		<-c.done
+	for _, g := range groups {
+		g.listenerClosed()
 	}
 	for _, s := range subs {
 		s.stop()
@@ -314,6 +362,14 @@ func (l *Listener) Close() error {
 // Stats returns the Listener's counters.
 func (l *Listener) Stats() ListenerStats {
 	s := l.stats.snapshot()
+	st, _ := l.connection()
+	s.Connected, s.Connects = st.up, st.gen
+	if st.gen > 0 {
+		s.Reconnects = st.gen - 1
+	}
+	if st.err != nil {
+		s.LastError, s.LastErrorAt = st.err, st.errAt
+	}
 	l.mu.Lock()
 	for _, list := range l.subs {
 		s.Subscriptions += len(list)

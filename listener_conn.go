@@ -13,12 +13,13 @@ import (
 )
 
 // The Listener's connection loop. One goroutine runs it and is the only one
-// that touches the connection:
+// that touches the connection, and the only one that writes l.state:
 //
 //	connect ──► LISTEN every channel ──► OnReconnect callbacks ──► serve
 //	   ▲                                                              │
 //	   └──── back off: none after a connection that lived, else ◄─────┘
-//	         0.5s doubling to 60s, cut short by retryNow
+//	         0.5s doubling to 60s; cut short by retryNow only while
+//	         the server cannot be reached at all
 //
 // serve waits for notifications and, between them, applies subscription
 // changes (LISTEN/UNLISTEN) and runs the health check. Subscribe and
@@ -31,33 +32,76 @@ const (
 	// lived is how long a connection must have served for the next
 	// attempt to come at once, without backoff.
 	lived = 5 * time.Second
-	// connRemind is how often a connection failure that lasts is logged
-	// again.
+	// connRemind is how often a connection problem that lasts (or keeps
+	// coming back) is logged again; a connection that stays up that long
+	// ends the problem.
 	connRemind = 5 * time.Minute
 )
+
+// connState is the Listener's connection as the loop last left it.
+type connState struct {
+	gen    uint64         // successful connects so far: each one is a new generation
+	up     bool           // connected and listening
+	tried  bool           // the first attempt is over
+	server serverIdentity // what the connection said of its server at connect
+	err    error          // the last connection error; nil if none
+	errAt  time.Time
+	// reachable: the last failure was not one of reaching the server
+	// (it answered, then refused the LISTEN or dropped the connection),
+	// so a hint that the server answers again does not help.
+	reachable bool
+}
+
+// connection returns the state and a channel closed at its next change.
+func (l *Listener) connection() (connState, <-chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.state, l.changed
+}
+
+// setState changes the state (the loop alone calls it) and wakes those
+// waiting for a change.
+func (l *Listener) setState(change func(*connState)) {
+	l.mu.Lock()
+	change(&l.state)
+	close(l.changed)
+	l.changed = make(chan struct{})
+	l.mu.Unlock()
+}
+
+// failure is how one connection ended: the error, and whether the server
+// could be reached at all.
+type failure struct {
+	err       error
+	reachable bool
+}
 
 // run is the connection loop; it returns when Close cancels l.ctx.
 func (l *Listener) run() {
 	defer close(l.done)
 	retry := backoff{min: minBackoff, max: maxBackoff}
-	first := true
 	for {
 		start := time.Now()
-		served, err := l.session(first)
-		first = false
+		served, f := l.session()
 		if l.ctx.Err() != nil {
 			return
 		}
-		l.stats.setError(err)
-		l.reportConnError(served, err)
+		l.setState(func(s *connState) {
+			s.up, s.tried, s.err, s.errAt, s.reachable = false, true, f.err, time.Now(), f.reachable
+		})
+		l.connLog.failed(l.log, served, f.err)
 		if served && time.Since(start) >= lived {
 			retry.reset()
 			continue
 		}
 		t := time.NewTimer(retry.delay())
+		hint := l.retry
+		if f.reachable {
+			hint = nil // the server answers: trying sooner would only spin
+		}
 		select {
 		case <-t.C:
-		case <-l.retry:
+		case <-hint:
 			t.Stop()
 		case <-l.ctx.Done():
 			t.Stop()
@@ -75,59 +119,49 @@ func (l *Listener) retryNow() {
 }
 
 // session runs one connection from connect to loss; served says whether it
-// got as far as serving. After the first attempt, failed or not, it
-// releases the first Subscribe.
-func (l *Listener) session(first bool) (served bool, err error) {
-	conn, listening, err := l.connect()
-	if err != nil {
-		if first {
-			l.stats.setError(err) // before the first Subscribe returns and looks
-			close(l.firstTry)
-		}
-		return false, err
+// got as far as serving.
+func (l *Listener) session() (served bool, f failure) {
+	conn, listening, f := l.connect()
+	if f.err != nil {
+		return false, f
 	}
 	defer l.hangUp(conn)
 	l.runCallbacks(conn)
-	if first {
-		close(l.firstTry)
-	}
-	return true, l.serve(conn, listening)
+	return true, failure{err: l.serve(conn, listening), reachable: true}
 }
 
 // connect opens the connection and LISTENs on every subscribed channel and
 // the health channel. It returns the set of channels listened.
-func (l *Listener) connect() (*pgx.Conn, map[string]bool, error) {
+func (l *Listener) connect() (*pgx.Conn, map[string]bool, failure) {
 	ctx, cancel := context.WithTimeout(l.ctx, connectTimeout)
 	defer cancel()
 	conn, err := pgx.ConnectConfig(ctx, l.config)
 	if err != nil {
-		return nil, nil, fmt.Errorf("listener: connect: %w", err)
+		return nil, nil, failure{err: fmt.Errorf("listener: connect: %w", err)}
 	}
 	l.mu.Lock()
 	listening := map[string]bool{l.healthChannel: true}
 	for ch := range l.subs {
 		listening[ch] = true
 	}
-	l.changed = false
+	l.pending = false
 	l.mu.Unlock()
 	if err := execListen(ctx, conn, "LISTEN", keys(listening)); err != nil {
 		_ = conn.Close(context.Background())
-		return nil, nil, fmt.Errorf("listener: listen: %w", explainListenError(err))
+		return nil, nil, failure{err: fmt.Errorf("listener: listen: %w", explainListenError(err)), reachable: true}
 	}
 	var id serverIdentity
 	_ = conn.QueryRow(ctx, serverIdentitySQL).Scan(&id.database, &id.started, &id.recovery)
-	l.mu.Lock()
-	l.connected = true
-	l.server = id
-	l.mu.Unlock()
 	select {
 	case <-l.retry: // a hint from before this connect
 	default:
 	}
-	l.stats.connects.Add(1)
-	l.stats.connected.Store(true)
-	l.problems.clear("jobwatch: listener connected", "host", l.config.Host)
-	return conn, listening, nil
+	l.setState(func(s *connState) {
+		s.gen++
+		s.up, s.tried, s.server = true, true, id
+	})
+	l.connLog.connected(l.log, l.config.Host)
+	return conn, listening, failure{}
 }
 
 // explainListenError says what a refused LISTEN most likely means.
@@ -143,14 +177,17 @@ func explainListenError(err error) error {
 // hangUp ends a connection: subscriptions wait for the next connect, and
 // Subscribe calls waiting for a LISTEN return (it is issued on connect).
 func (l *Listener) hangUp(conn *pgx.Conn) {
-	l.stats.connected.Store(false)
+	l.setState(func(s *connState) { s.up = false })
 	l.mu.Lock()
-	l.connected = false
 	l.interrupt = nil
-	for _, c := range l.checks {
-		c.connectionLost()
+	groups := make([]*poolGroup, 0, len(l.groups))
+	for _, g := range l.groups {
+		groups = append(groups, g)
 	}
 	l.mu.Unlock()
+	for _, g := range groups {
+		g.connectionLost()
+	}
 	l.release(nil, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	_ = conn.Close(ctx)
@@ -205,7 +242,7 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 		if err := l.apply(conn, listening); err != nil {
 			return err
 		}
-		if err := health.run(l.ctx, conn, l.healthChannel, l.opts.healthCheckTimeout); err != nil {
+		if err := health.run(l.ctx, conn, l.healthChannel, l.opts.healthCheckTimeout, &l.stats); err != nil {
 			return err
 		}
 		// One wait context serves notification after notification until
@@ -220,7 +257,7 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 			}
 			l.mu.Lock()
 			l.interrupt = stopWait
-			pending := l.changed
+			pending := l.pending
 			l.mu.Unlock()
 			if pending {
 				continue
@@ -254,13 +291,15 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 // connection is returned.
 func (l *Listener) apply(conn *pgx.Conn, listening map[string]bool) error {
 	l.mu.Lock()
-	if !l.changed {
+	if !l.pending {
 		l.mu.Unlock()
 		return nil
 	}
-	l.changed = false
+	l.pending = false
 	var listen, unlisten []string
+	subscribed := make(map[string]bool, len(l.subs))
 	for ch := range l.subs {
+		subscribed[ch] = true
 		if !listening[ch] {
 			listen = append(listen, ch)
 		}
@@ -281,10 +320,11 @@ func (l *Listener) apply(conn *pgx.Conn, listening map[string]bool) error {
 	if err != nil && conn.IsClosed() {
 		return fmt.Errorf("listener: connection lost: %w", err)
 	}
-	asked := make(map[string]bool, len(listen))
+	// Every waiter of a subscribed channel is released: a channel
+	// unsubscribed and subscribed again before this ran was never
+	// UNLISTENed, and is listened already.
 	var failed map[string]error
 	for _, ch := range listen {
-		asked[ch] = true
 		if err != nil {
 			if failed == nil {
 				failed = map[string]error{}
@@ -299,7 +339,7 @@ func (l *Listener) apply(conn *pgx.Conn, listening map[string]bool) error {
 			delete(listening, ch)
 		}
 	}
-	l.release(asked, failed)
+	l.release(subscribed, failed)
 	return nil
 }
 
@@ -327,20 +367,68 @@ func (l *Listener) dispatch(n Notification) {
 	l.mu.Unlock()
 }
 
-// reportConnError logs a lost connection (a warning: the loop reconnects)
-// or a failed connect (an error), once per kind of failure while it
-// lasts.
-func (l *Listener) reportConnError(served bool, err error) {
+// connLog turns the loop's failures into few log lines. A failed connect
+// is an error, said once per kind while it lasts and again every
+// connRemind; a lost connection a warning, said once, then again only
+// with the count of losses every connRemind while they keep coming, so
+// that a flapping connection does not log a line per drop. The first
+// connect after a logged failure says so once.
+type connLog struct {
+	key      string // the problem logged last; "" when none
+	since    time.Time
+	repeats  int
+	lastLine time.Time
+	up       time.Time // when the current connection came up
+	said     bool      // the reconnect after the line about a loss was logged
+}
+
+// connected records a successful connect.
+func (c *connLog) connected(log *slog.Logger, host string) {
+	now := time.Now()
+	c.up = now
+	switch c.key {
+	case "":
+	case "lost":
+		if c.repeats == 0 && !c.said {
+			log.Info("jobwatch: listener reconnected", "host", host, "after", now.Sub(c.lastLine).Round(time.Millisecond))
+			c.said = true
+		}
+	default:
+		log.Info("jobwatch: listener connected", "host", host, "after", now.Sub(c.since).Round(time.Millisecond))
+		c.key = ""
+	}
+}
+
+// failed records how a connection attempt or session ended.
+func (c *connLog) failed(log *slog.Logger, served bool, err error) {
+	now := time.Now()
+	if served && c.key == "lost" && now.Sub(c.up) >= connRemind {
+		c.key = "" // it had been stable: this is a new problem
+	}
 	key := err.Error()
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		key = pgErr.Code
 	}
+	level, msg := slog.LevelError, "jobwatch: listener cannot connect, retrying"
 	if served {
-		l.problems.report(slog.LevelWarn, "lost "+key, "jobwatch: listener connection lost, reconnecting", "error", err)
+		key, level, msg = "lost", slog.LevelWarn, "jobwatch: listener connection lost, reconnecting"
+		if c.key != "" && c.key != "lost" {
+			key = c.key // a drop during an outage is part of it
+		}
+	}
+	if key == c.key && now.Sub(c.lastLine) < connRemind {
+		c.repeats++
 		return
 	}
-	l.problems.report(slog.LevelError, key, "jobwatch: listener cannot connect, retrying", "error", err)
+	attrs := []any{"error", err}
+	if key == c.key {
+		attrs = append(attrs, "since", c.since.Format(time.RFC3339), "repeats", c.repeats)
+	} else {
+		c.since = now
+	}
+	c.key, c.repeats, c.lastLine, c.said = key, 0, now, false
+	log.Log(context.Background(), level, msg, attrs...)
 }
 
 // healthCheck proves the connection alive: a NOTIFY to a private channel,
@@ -351,7 +439,7 @@ type healthCheck struct {
 	outstanding bool
 }
 
-func (h *healthCheck) run(ctx context.Context, conn *pgx.Conn, channel string, timeout time.Duration) error {
+func (h *healthCheck) run(ctx context.Context, conn *pgx.Conn, channel string, timeout time.Duration, stats *listenerCounters) error {
 	if h.interval <= 0 || time.Now().Before(h.next) {
 		return nil
 	}
@@ -361,6 +449,7 @@ func (h *healthCheck) run(ctx context.Context, conn *pgx.Conn, channel string, t
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	_, err := conn.Exec(ctx, "SELECT pg_notify($1, '')", channel)
 	cancel()
+	stats.queries.Add(1)
 	if err != nil {
 		return fmt.Errorf("listener: health check: %w", err)
 	}

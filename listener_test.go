@@ -3,6 +3,7 @@ package jobwatch_test
 import (
 	"context"
 	"fmt"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -209,4 +210,83 @@ func TestListenerDetectsBlackHole(t *testing.T) {
 		return len(got) > 0 && got[len(got)-1] == "after"
 	})
 	assert.Contains(t, l.Stats().LastError.Error(), "health check")
+}
+
+// TestListenerStart: Start connects and returns nil once listening; for a
+// server that refuses it returns the error of the attempt, and it gives
+// up waiting when its context ends, the Listener retrying meanwhile.
+func TestListenerStart(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	require.NoError(t, testListener(t, d.url, opt).Start(ctxT(t)))
+
+	p, cfg := newProxy(t, d.url)
+	p.setRefuse(true)
+	l, err := jobwatch.NewListenerConfig(cfg, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = l.Close() })
+	err = l.Start(ctxT(t))
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "listener: connect")
+	p.setRefuse(false)
+	eventually(t, "connected on its own", func() bool { return l.Stats().Connected })
+	require.NoError(t, l.Start(ctxT(t)))
+
+	// A server that accepts and never answers: Start returns when its
+	// context ends, and so does a watch's start-up on that Listener.
+	hole, holeCfg := newProxy(t, d.url)
+	hole.blackholeNew()
+	slow, err := jobwatch.NewListenerConfig(holeCfg, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = slow.Close() })
+	ctx, cancel := context.WithTimeout(ctxT(t), 200*time.Millisecond)
+	defer cancel()
+	require.ErrorIs(t, slow.Start(ctx), context.DeadlineExceeded)
+	slow2, err := jobwatch.NewListenerConfig(holeCfg, opt)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = slow2.Close() })
+	d.jobTable(t, "jobs")
+	ctx, cancel = context.WithTimeout(ctxT(t), 200*time.Millisecond)
+	defer cancel()
+	_, err = jobwatch.WatchForJob(ctx, d.pool, slow2, "jobs", time.Hour, make(chan jobwatch.Message, 1), opt)
+	require.ErrorIs(t, err, context.DeadlineExceeded, "the watch honours its context")
+
+	require.NoError(t, l.Close())
+	require.ErrorIs(t, l.Start(ctxT(t)), jobwatch.ErrListenerClosed)
+}
+
+// TestSubscriptionReleasesBacklog: a subscriber that stalled while 4,000
+// large notifications queued up holds them until it has delivered them,
+// and not after: the memory comes back without Unsubscribe. Not parallel:
+// it reads the process's heap.
+func TestSubscriptionReleasesBacklog(t *testing.T) {
+	d := newDB(t)
+	_, opt := newLogs(t)
+	l := testListener(t, d.url, opt)
+	release := make(chan struct{})
+	var delivered atomic.Int64
+	_, err := l.Subscribe("backlog", func(jobwatch.Notification) {
+		<-release
+		delivered.Add(1)
+	})
+	require.NoError(t, err)
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapAlloc
+	}
+	before := heap()
+	const n, size = 4000, 8000
+	_, err = d.pool.Exec(ctxT(t), "SELECT pg_notify('backlog', i::text || repeat('x', $1)) FROM generate_series(1, $2) i", size-10, n)
+	require.NoError(t, err)
+	eventually(t, "all received, queued for the stalled callback", func() bool { return l.Stats().Notifications == n })
+	queued := heap()
+	require.Greater(t, queued, before+n*size/2, "the backlog is in memory")
+	close(release)
+	eventually(t, "all delivered", func() bool { return delivered.Load() == n })
+	after := heap()
+	t.Logf("heap: %d MB before, %d MB with the backlog, %d MB once delivered", before>>20, queued>>20, after>>20)
+	assert.Less(t, after, before+n*size/8, "delivered notifications are released")
 }

@@ -20,27 +20,27 @@ import (
 type Poller struct {
 	pool      *pgxpool.Pool
 	names     names
-	interval  time.Duration
 	opts      options
 	query     string
 	stats     *counters
 	installer *installer // nil for PollForJob without repair
 	repair    bool       // check the triggers after each interval poll
+	fallback  time.Duration
+	degraded  func() bool // for a watch: poll every fallback while it holds
 
-	cancel context.CancelFunc
-	done   chan struct{}
-	kick   chan struct{} // buffered(1): re-read the schedule below
+	stop     chan struct{} // closed by Close: the loop ends after its query in flight
+	done     chan struct{}
+	kick     chan struct{} // buffered(1): re-read the schedule
+	queryCtx context.Context
+	abort    context.CancelFunc // cancels queries in flight, closeGrace after stop
 
-	mu        sync.Mutex
-	pollNow   bool
-	fallback  time.Duration // when set, the interval while notifications do not arrive
-	scheduled time.Time     // when the earliest known future job is due; zero if none
-	gateAt    time.Time     // when to check the notify gate next (a light check); zero if not
-	trailAt   time.Time     // when to poll again behind the notify gate; zero if not
-	gate      gateState     // owned by run
-	offset    time.Duration // the server's clock minus ours, as the last poll saw it
-
-	problems problemLog
+	mu         sync.Mutex
+	sched      schedule
+	reconnects int           // Listener reconnects not yet caught up on
+	offset     time.Duration // the server's clock minus ours, as the last poll saw it
+	gate       gateState
+	problems   problemLog
+	stopOnce   sync.Once
 }
 
 // PollForJob checks tableName every pollInterval plus a random jitter (up to
@@ -106,16 +106,20 @@ func validate(step string, pool *pgxpool.Pool, tableName string, pollInterval ti
 // repair is set, and polls at once when inst has installed them.
 func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, stats *counters, inst *installer, repair bool) *Poller {
 	table := n.table.quoted()
+	queryCtx, abort := context.WithCancel(context.Background())
 	p := &Poller{
 		pool:      pool,
 		names:     n,
-		interval:  interval,
 		opts:      o,
 		stats:     stats,
 		repair:    repair && inst != nil,
 		installer: inst,
+		fallback:  o.fallbackPoll,
+		stop:      make(chan struct{}),
 		done:      make(chan struct{}),
 		kick:      make(chan struct{}, 1),
+		queryCtx:  queryCtx,
+		abort:     abort,
 		problems:  problemLog{log: o.logger, remind: pollRemind},
 		// The limit is the channel's capacity, a constant, so the statement
 		// has no parameter and its plan is made once per connection. The
@@ -125,6 +129,7 @@ func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, s
 		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + ` WHERE ` + pendingLater + `),
 		extract(epoch FROM clock_timestamp())::float8`,
 	}
+	p.sched = schedule{interval: interval, jitter: p.jitter}
 	if inst != nil {
 		inst.installed = p.pollSoon
 	}
@@ -134,27 +139,46 @@ func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, s
 // pollRemind is how often a poll failure that lasts is logged again.
 const pollRemind = 5 * time.Minute
 
-// start runs the poller (and its installer) until ctx ends or Close.
+// closeGrace is how long Close lets a query in flight finish before it
+// cancels it: a cancelled query makes pgx discard its pool connection.
+const closeGrace = 2 * time.Second
+
+// queryTimeout bounds every query a poller or installer sends.
+const queryTimeout = 30 * time.Second
+
+// start runs the poller (and its installer) until Close, or until ctx
+// ends. Its queries do not run under ctx: they finish, within closeGrace,
+// so that the caller's pool keeps its connections.
 func (p *Poller) start(ctx context.Context) {
-	ctx, p.cancel = context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	wg.Go(func() { p.run(ctx) })
+	wg.Go(p.run)
 	if p.installer != nil {
-		wg.Go(func() { p.installer.run(ctx) })
+		wg.Go(func() { p.installer.run(p.queryCtx, p.stop) })
 	}
+	stopAfter := context.AfterFunc(ctx, p.halt)
 	go func() {
 		wg.Wait()
+		stopAfter()
+		p.abort()
 		close(p.done)
 	}()
 }
 
-// Close stops the poller and waits for its goroutines to exit. It is
-// idempotent.
+// halt stops the loops, and cancels what they still run after closeGrace.
+func (p *Poller) halt() {
+	p.stopOnce.Do(func() {
+		close(p.stop)
+		time.AfterFunc(closeGrace, p.abort)
+	})
+}
+
+// Close stops the poller and waits for its goroutines to exit, letting a
+// query in flight finish. It is idempotent.
 func (p *Poller) Close() error {
 	if p == nil {
 		return nil
 	}
-	p.cancel()
+	p.halt()
 	<-p.done
 	return nil
 }
@@ -165,42 +189,55 @@ func (p *Poller) Done() <-chan struct{} { return p.done }
 // Stats returns the poller's counters.
 func (p *Poller) Stats() Stats {
 	s := p.stats.snapshot()
-	s.PollInterval = p.currentInterval()
+	s.PollInterval = p.sched.interval
+	if f := p.fallbackNow(); f > 0 && f < s.PollInterval {
+		s.PollInterval = f
+	}
 	return s
 }
 
-// currentInterval is the interval polls run at now.
-func (p *Poller) currentInterval() time.Duration {
+// fallbackNow is the fallback interval when it is in force, else 0: the
+// watch is degraded, or cannot read the notify gate's counter.
+func (p *Poller) fallbackNow() time.Duration {
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.fallback > 0 && p.fallback < p.interval {
+	blind := p.gate.blind
+	p.mu.Unlock()
+	if blind || (p.degraded != nil && p.degraded()) {
 		return p.fallback
 	}
-	return p.interval
+	return 0
 }
+
+// followsGate reports whether the poller follows the notify gate.
+func (p *Poller) followsGate() bool { return p.gate.on }
 
 // pollSoon asks for a poll now.
 func (p *Poller) pollSoon() {
 	p.mu.Lock()
-	p.pollNow = true
+	p.sched.pollNow = true
+	p.mu.Unlock()
+	p.signal()
+}
+
+// reconnected asks for one wake-up and a poll now: the Listener
+// reconnected, and notifications sent meanwhile are lost. It only
+// signals: it runs on the Listener's goroutine.
+func (p *Poller) reconnected() {
+	p.mu.Lock()
+	p.reconnects++
+	p.sched.pollNow = true
 	p.mu.Unlock()
 	p.signal()
 }
 
 // scheduleIn asks for a poll after d unless one is already due sooner.
-func (p *Poller) scheduleIn(d time.Duration) { p.setEarlier(&p.scheduled, time.Now().Add(d)) }
-
-// setEarlier sets *t, a time the loop waits for, to at unless it is set
-// sooner already, and wakes the loop.
-func (p *Poller) setEarlier(t *time.Time, at time.Time) {
+func (p *Poller) scheduleIn(d time.Duration) {
 	p.mu.Lock()
-	if !t.IsZero() && !at.Before(*t) {
-		p.mu.Unlock()
-		return
-	}
-	*t = at
+	changed := earlier(&p.sched.scheduled, time.Now().Add(d))
 	p.mu.Unlock()
-	p.signal()
+	if changed {
+		p.signal()
+	}
 }
 
 // scheduleAt asks for a poll when the server's clock reads t.
@@ -211,18 +248,7 @@ func (p *Poller) scheduleAt(t time.Time) {
 	p.scheduleIn(time.Until(t.Add(-offset)))
 }
 
-// setFallback makes the poller poll every d instead of its interval (d 0:
-// back to the interval), for while notifications do not arrive.
-func (p *Poller) setFallback(d time.Duration) {
-	p.mu.Lock()
-	changed := p.fallback != d
-	p.fallback = d
-	p.mu.Unlock()
-	if changed {
-		p.signal()
-	}
-}
-
+// signal makes the loop read the schedule again.
 func (p *Poller) signal() {
 	select {
 	case p.kick <- struct{}{}:
@@ -230,78 +256,35 @@ func (p *Poller) signal() {
 	}
 }
 
-func (p *Poller) run(ctx context.Context) {
+func (p *Poller) run() {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
-	var lastInterval time.Time // when the last interval poll ran
-	nextInterval := time.Now()
 	for {
-		now := time.Now()
+		fallback := p.fallbackNow()
 		p.mu.Lock()
-		if p.fallback > 0 && p.fallback < p.interval && !lastInterval.IsZero() {
-			if t := lastInterval.Add(p.fallback); t.Before(nextInterval) {
-				nextInterval = t
-			}
-		}
-		reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
-		intervalPoll := !now.Before(nextInterval)
-		gateCheck := reached(p.gateAt)
-		// A poll called for only behind the gate wakes workers only for
-		// what skipped (see poll).
-		trailOnly := reached(p.trailAt) && !p.pollNow && !intervalPoll && !reached(p.scheduled)
-		due := p.pollNow || intervalPoll || reached(p.scheduled) || reached(p.trailAt)
-		if due {
-			p.pollNow = false
-			for _, t := range []*time.Time{&p.scheduled, &p.trailAt} {
-				if reached(*t) {
-					*t = time.Time{}
-				}
-			}
-		}
-		if gateCheck {
-			p.gateAt = time.Time{}
-		}
-		wakeAt := nextInterval
-		for _, t := range []time.Time{p.scheduled, p.trailAt, p.gateAt} {
-			if !t.IsZero() && t.Before(wakeAt) {
-				wakeAt = t
-			}
-		}
-		fallback := p.fallback
+		st := p.sched.step(time.Now(), fallback)
+		reconnects := p.reconnects
+		p.reconnects = 0
 		p.mu.Unlock()
-
-		// The gate's check runs first: the poll that may follow then sees
-		// every skipper that had ended when it ran.
-		if gateCheck && p.checkGate(ctx) {
-			due, trailOnly = true, false
+		if reconnects > 0 {
+			// One wake-up: the worker fetches whatever it missed.
+			p.stats.wake(1)
 		}
-		if due {
-			if intervalPoll {
-				lastInterval = now
-				if fallback > 0 && fallback < p.interval {
-					nextInterval = now.Add(fallback)
-				} else {
-					nextInterval = now.Add(p.interval + p.jitter())
-				}
-			}
-			p.poll(ctx, trailOnly)
-			if ctx.Err() != nil {
+		if st.poll {
+			p.poll(st.trailOnly)
+			if p.stopped() {
 				return
 			}
 			// The repair check runs on the interval's polls only, on the
-			// installer's goroutine: the extra polls are on a latency path.
-			if p.repair && intervalPoll {
+			// installer's goroutine: the others are on a latency path.
+			if p.repair && st.interval {
 				p.installer.request(false)
 			}
 			continue
 		}
-		if gateCheck {
-			continue // it set the next check
-		}
-
-		timer.Reset(time.Until(wakeAt))
+		timer.Reset(time.Until(st.wakeAt))
 		select {
-		case <-ctx.Done():
+		case <-p.stop:
 			return
 		case <-timer.C:
 		case <-p.kick:
@@ -312,6 +295,15 @@ func (p *Poller) run(ctx context.Context) {
 				}
 			}
 		}
+	}
+}
+
+func (p *Poller) stopped() bool {
+	select {
+	case <-p.stop:
+		return true
+	default:
+		return false
 	}
 }
 
@@ -328,12 +320,14 @@ func (p *Poller) jitter() time.Duration {
 // only by a gated notification) wakes no one unless a transaction skipped
 // since the last look: the notification already woke workers for its own
 // jobs.
-func (p *Poller) poll(ctx context.Context, trailOnly bool) {
+func (p *Poller) poll(trailOnly bool) {
 	var count int64
 	var next *float64
 	var server float64
 	var open, readable bool
 	var skips int64
+	ctx, cancel := context.WithTimeout(p.queryCtx, queryTimeout)
+	defer cancel()
 	start := time.Now()
 	var err error
 	if p.gate.on {
@@ -344,10 +338,11 @@ func (p *Poller) poll(ctx context.Context, trailOnly bool) {
 	end := time.Now()
 	// Counted once done, so that a caller who saw Polls go up knows that
 	// poll has sent its wake-ups.
+	p.stats.queries.Add(1)
 	p.stats.polls.Add(1)
 	p.stats.pollNanos.Add(int64(end.Sub(start)))
 	if err != nil {
-		if ctx.Err() != nil {
+		if p.stopped() {
 			return
 		}
 		p.stats.pollErrors.Add(1)
@@ -361,17 +356,16 @@ func (p *Poller) poll(ctx context.Context, trailOnly bool) {
 		return
 	}
 	p.problems.clear("jobwatch: polling works again", "table", p.names.table.raw)
+	p.mu.Lock()
 	// The gate's columns are read after this statement's snapshot was
 	// taken: a skipper that committed in between counts as ended, its job
 	// unseen. Its skip moved the counter, though: one more poll, whose
 	// snapshot comes later, finds it.
-	skipped := p.gate.on && p.gateSeen(open, skips)
+	skipped := p.gate.on && p.gateSeenLocked(open, skips, readable)
 	if skipped {
-		p.setEarlier(&p.trailAt, time.Now().Add(gateTrail))
+		earlier(&p.sched.trailAt, time.Now().Add(gateTrail))
 	}
-	serverAt := unixSeconds(server)
-	p.mu.Lock()
-	p.offset = serverAt.Sub(start.Add(end.Sub(start) / 2))
+	p.offset = unixSeconds(server).Sub(start.Add(end.Sub(start) / 2))
 	p.mu.Unlock()
 	// Never more than the channel has room for: a woken worker fetches
 	// until nothing is due, so wake-ups beyond that would only be dropped.

@@ -22,11 +22,13 @@ type proxy struct {
 	target  string
 	config  *pgx.ConnConfig // the test database, through the proxy
 
-	mu      sync.Mutex
-	refuse  bool
-	conns   []*proxied
-	stopped bool
-	wg      sync.WaitGroup
+	mu       sync.Mutex
+	accepted int // connections accepted, refused ones included
+	refuse   bool
+	holeNew  bool // new connections are black-holed
+	conns    []*proxied
+	stopped  bool
+	wg       sync.WaitGroup
 }
 
 type proxied struct {
@@ -67,6 +69,7 @@ func (p *proxy) accept() {
 			return
 		}
 		p.mu.Lock()
+		p.accepted++
 		if p.refuse || p.stopped {
 			p.mu.Unlock()
 			c.Close()
@@ -78,7 +81,7 @@ func (p *proxy) accept() {
 			c.Close()
 			continue
 		}
-		pc := &proxied{client: c, server: s}
+		pc := &proxied{client: c, server: s, holed: p.holeNew}
 		p.conns = append(p.conns, pc)
 		p.wg.Add(2)
 		p.mu.Unlock()
@@ -163,4 +166,19 @@ func (p *proxy) close() {
 		c.server.Close()
 	}
 	p.wg.Wait()
+}
+
+// connections returns how many connections the proxy has accepted.
+func (p *proxy) connections() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.accepted
+}
+
+// blackholeNew makes the proxy accept new connections and never forward
+// them: a server that takes connections and never answers.
+func (p *proxy) blackholeNew() {
+	p.mu.Lock()
+	p.holeNew = true
+	p.mu.Unlock()
 }

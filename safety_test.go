@@ -410,6 +410,45 @@ func TestDistinctTablesDistinctNames(t *testing.T) {
 	assert.Zero(t, drain(ch1)+drain(ch2), "nobody heard the other table")
 }
 
+// TestRevokedCounterGrant: an administrator revokes the skip counter's
+// grants from PUBLIC. Producers without the right notify instead of
+// failing; a watch that cannot read the counter keeps polling without
+// error, says once that it cannot follow the gate, and polls at the
+// fallback interval so that a skipped job still wakes within a second.
+func TestRevokedCounterGrant(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	require.NoError(t, jobwatch.EnsureNotificationTriggers(ctxT(t), d.pool, "jobs", opt))
+	worker := role(t, d)
+	d.exec(t, "GRANT SELECT, INSERT, UPDATE ON jobs TO "+worker)
+	d.exec(t, "REVOKE ALL ON SEQUENCE jobwatch_skips_jobs FROM PUBLIC")
+	pool := poolAs(t, d, worker)
+	w, ch, _ := d.watch(t, opt, watchSetup{pool: pool, noTable: true})
+
+	// A producer without the right, behind a holder: it notifies.
+	tx := beginWith(t, d, "INSERT INTO jobs DEFAULT VALUES")
+	o := observe(t, d, "jobs")
+	got := o.during(t, func() {
+		_, err := pool.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
+		require.NoError(t, err, "an INSERT never fails for the counter's grants")
+	})
+	assert.NotEmpty(t, got, "it notified instead of skipping")
+	waitWake(t, ch, "its job")
+	require.NoError(t, tx.Rollback(ctxT(t)))
+
+	// A producer with the right (the owner) skips behind a holder; the
+	// watch, which cannot read the counter, still finds the job.
+	tx = beginWith(t, d, "INSERT INTO jobs DEFAULT VALUES")
+	drain(ch)
+	committed := skipped(t, d, o)
+	wokenAfter(t, ch, committed, "skipped job, counter unreadable")
+	require.NoError(t, tx.Rollback(ctxT(t)))
+	assert.Zero(t, w.Stats().PollErrors, lg.String())
+	assert.Equal(t, 1, lg.count("cannot read the notify gate's skip counter"), lg.String())
+}
+
 // TestNameTakenByAnotherRole: in a schema every role may write to,
 // another role creates the skip counter and the trigger function before
 // jobwatch does. The install refuses to use them and says which to drop;

@@ -15,9 +15,13 @@ type Stats struct {
 	PollErrors     uint64        // polls that failed
 	PollTime       time.Duration // time spent in poll queries, all polls together
 	TriggerRepairs uint64        // times missing triggers were re-created
-	PollInterval   time.Duration // the interval polls run at now: the poll interval, or the fallback while notifications do not arrive
-	LastError      error         // the last poll, install or repair error; nil if none
-	LastErrorAt    time.Time     // when LastError happened
+	// Queries counts every query the watch or poller sent through the pool
+	// itself: polls, trigger checks and installs. The checks its Listener
+	// runs for all its watches are in ListenerStats.Queries.
+	Queries      uint64
+	PollInterval time.Duration // the interval polls run at now: the poll interval, or the fallback while notifications do not arrive
+	LastError    error         // the last poll, install or repair error; nil if none
+	LastErrorAt  time.Time     // when LastError happened
 	// NotificationsWorking is what the Listener's delivery check found
 	// last (see WithDeliveryCheck): true while a NOTIFY sent through the
 	// pool reaches the Listener, false while it does not and the watch
@@ -41,38 +45,29 @@ type ListenerStats struct {
 	// that did not arrive while the connection was up.
 	DeliveryProbes     uint64
 	DeliveryProbesLost uint64
+	// Queries counts every query the Listener sent, over its own
+	// connection (the health check) and through the watches' pools (the
+	// delivery check, and the notify gate's check of every table it
+	// serves), LISTEN and UNLISTEN aside.
+	Queries uint64
 }
 
+// listenerCounters are the Listener's counters; its connection state is
+// kept by the connection loop (connState) and only read into Stats.
 type listenerCounters struct {
-	connected     atomic.Bool
-	connects      atomic.Uint64
 	notifications atomic.Uint64
 	probes        atomic.Uint64
 	probesLost    atomic.Uint64
-	lastErr       atomic.Pointer[timedError]
-}
-
-func (c *listenerCounters) setError(err error) {
-	if err != nil {
-		c.lastErr.Store(&timedError{err: err, at: time.Now()})
-	}
+	queries       atomic.Uint64
 }
 
 func (c *listenerCounters) snapshot() ListenerStats {
-	s := ListenerStats{
-		Connected:          c.connected.Load(),
-		Connects:           c.connects.Load(),
+	return ListenerStats{
 		Notifications:      c.notifications.Load(),
 		DeliveryProbes:     c.probes.Load(),
 		DeliveryProbesLost: c.probesLost.Load(),
+		Queries:            c.queries.Load(),
 	}
-	if s.Connects > 0 {
-		s.Reconnects = s.Connects - 1
-	}
-	if e := c.lastErr.Load(); e != nil {
-		s.LastError, s.LastErrorAt = e.err, e.at
-	}
-	return s
 }
 
 type timedError struct {
@@ -89,6 +84,7 @@ type counters struct {
 	pollErrors    atomic.Uint64
 	pollNanos     atomic.Int64
 	repairs       atomic.Uint64
+	queries       atomic.Uint64
 	lastErr       atomic.Pointer[timedError]
 	drops         *dropReporter
 }
@@ -120,6 +116,7 @@ func (c *counters) snapshot() Stats {
 		PollErrors:     c.pollErrors.Load(),
 		PollTime:       time.Duration(c.pollNanos.Load()),
 		TriggerRepairs: c.repairs.Load(),
+		Queries:        c.queries.Load(),
 	}
 	if e := c.lastErr.Load(); e != nil {
 		s.LastError, s.LastErrorAt = e.err, e.at

@@ -60,10 +60,13 @@ func (s *Subscription) stop() {
 	}
 }
 
-// deliver runs the callback for each queued notification, in order.
+// deliver runs the callback for each queued notification, in order. A
+// delivered notification is released at once, and a queue that grew
+// large in a backlog is not kept for later: what a stalled callback piled
+// up is freed once it has been delivered.
 func (s *Subscription) deliver() {
 	defer close(s.done)
-	var batch []Notification
+	var batch, spare []Notification
 	for range s.signal {
 		for {
 			s.mu.Lock()
@@ -71,20 +74,30 @@ func (s *Subscription) deliver() {
 				s.mu.Unlock()
 				return
 			}
-			batch, s.queue = s.queue, batch[:0]
+			batch, s.queue = s.queue, spare
 			s.mu.Unlock()
-			if len(batch) == 0 {
-				break
-			}
-			for _, n := range batch {
-				s.call(n)
+			for i := range batch {
+				s.call(batch[i])
+				batch[i] = Notification{}
 				if s.isStopped() {
 					return
 				}
 			}
+			// The queue now has the spare's array: the batch's is the
+			// next spare, never both.
+			spare = batch[:0]
+			if cap(spare) > maxSpareQueue {
+				spare = nil
+			}
+			if len(batch) == 0 {
+				break
+			}
 		}
 	}
 }
+
+// maxSpareQueue is the largest queue a subscription keeps for reuse.
+const maxSpareQueue = 1024
 
 func (s *Subscription) isStopped() bool {
 	s.mu.Lock()

@@ -44,15 +44,16 @@ type Watch struct {
 	removeReconnect func()
 	stopAfter       func() bool
 	stats           *counters
-	check           *deliveryCheck // nil with the check off
-	fallback        time.Duration  // the poll interval while notifications do not arrive
+	group           *poolGroup    // the Listener's for this pool; nil once the Listener is closed
+	fallback        time.Duration // the poll interval while notifications do not arrive
 	startedAt       time.Time
 	started         atomic.Bool // the poller runs: reconnects call for catch-up
 	done            chan struct{}
 
-	// closing is held for reading by the callbacks while they act and
-	// taken for writing by Close, so that nothing reaches the caller's
-	// channel once Close has returned (the caller may then close it).
+	// closing is held for reading by the notification callback while it
+	// acts and taken for writing by Close, so that nothing reaches the
+	// caller's channel once Close has returned (the caller may then close
+	// it). The Listener's own goroutine never takes it.
 	closing   sync.RWMutex
 	closed    bool
 	closeOnce sync.Once
@@ -104,6 +105,8 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	w := &Watch{listener: listener, stats: stats, fallback: o.fallbackPoll, startedAt: time.Now(), done: make(chan struct{})}
 	inst := newInstaller(pool, n, o, stats)
 	w.poller = newPoller(pool, n, pollInterval, o, stats, inst, repair)
+	w.poller.degraded = w.degraded
+	inst.changed = w.poller.signal
 	if o.gate {
 		w.poller.followGate()
 	}
@@ -113,33 +116,26 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 		inst.request(true)
 	}
 
-	w.removeReconnect = listener.addReconnect(func(context.Context, *pgx.Conn) error {
-		// Runs on the Listener's goroutine: only signals, never queries.
-		w.closing.RLock()
-		defer w.closing.RUnlock()
-		if w.closed || !w.started.Load() {
-			// A connect during this watch's own Subscribe: the first poll,
-			// which comes after it, covers it.
-			return nil
+	w.removeReconnect = listener.AfterReconnect(func(context.Context, *pgx.Conn) error {
+		// Runs on the Listener's goroutine: only signals.
+		if w.started.Load() {
+			// Not during this watch's own Subscribe: the first poll, which
+			// comes after it, covers that one.
+			inst.request(true)
+			w.poller.reconnected()
 		}
-		inst.request(true)
-		stats.wake(1)
-		w.poller.pollSoon()
 		return nil
 	})
 	// The poller starts after the subscription, so that a job inserted
 	// between the first poll and the LISTEN cannot be missed.
-	w.sub, err = listener.subscribe(n.channel, w.notified)
+	w.sub, err = listener.subscribe(ctx, n.channel, w.notified)
 	if err != nil {
 		w.removeReconnect()
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
+	w.group = listener.join(pool, w)
 	w.poller.start(context.WithoutCancel(ctx))
 	w.started.Store(true)
-	w.check = listener.joinDeliveryCheck(pool, w)
-	if working, _ := w.check.state(); w.check != nil && !working {
-		w.deliveryChanged(false)
-	}
 	w.stopAfter = context.AfterFunc(ctx, func() { _ = w.Close() })
 	return w, nil
 }
@@ -171,15 +167,19 @@ func (w *Watch) notified(msg Notification) {
 	}
 }
 
-// deliveryChanged is called by the delivery check when notifications stop
-// or start arriving: while they do not, the poller polls at the fallback
-// interval.
-func (w *Watch) deliveryChanged(working bool) {
-	if working {
-		w.poller.setFallback(0)
-	} else {
-		w.poller.setFallback(w.fallback)
+// degraded reports whether notifications fail to reach this watch, so
+// that its poller polls at the fallback interval: the delivery check
+// finds they do not arrive, its Listener was closed under it, or the
+// triggers do not notify and cannot be repaired.
+func (w *Watch) degraded() bool {
+	if w.poller.installer.unhealthy.Load() {
+		return true
 	}
+	if w.group == nil {
+		return w.started.Load() // joined a closed Listener
+	}
+	working, _ := w.group.state()
+	return !working
 }
 
 // Close unsubscribes, stops the poller and waits for it to exit. Once it
@@ -197,7 +197,7 @@ func (w *Watch) Close() error {
 		w.closed = true
 		w.closing.Unlock()
 		w.removeReconnect()
-		w.check.leave(w)
+		w.group.leave(w)
 		w.listener.Unsubscribe(w.sub)
 		_ = w.poller.Close()
 		close(w.done)
@@ -214,9 +214,9 @@ func (w *Watch) Done() <-chan struct{} { return w.done }
 // Stats returns the watch's counters (its poller's included).
 func (w *Watch) Stats() Stats {
 	s := w.poller.Stats()
-	s.NotificationsWorking, s.NotificationsChangedAt = true, w.startedAt
-	if w.check != nil {
-		s.NotificationsWorking, s.NotificationsChangedAt = w.check.state()
+	s.NotificationsWorking, s.NotificationsChangedAt = false, w.startedAt
+	if w.group != nil {
+		s.NotificationsWorking, s.NotificationsChangedAt = w.group.state()
 	}
 	return s
 }

@@ -356,3 +356,23 @@ func TestMessageString(t *testing.T) {
 	assert.Equal(t, "Stop", jobwatch.Stop.String())
 	assert.True(t, strings.HasPrefix(jobwatch.Message(9).String(), "Message("))
 }
+
+// TestStartCloseKeepsPoolConnections: 200 watches started and closed in
+// turn on a 4-connection pool. Close lets a query in flight finish rather
+// than cancel it (pgx discards a connection whose query was cancelled),
+// so the pool never opens more than its 4 connections.
+func TestStartCloseKeepsPoolConnections(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	pool := newPool(t, d.with(t, "pool_max_conns", "4"))
+	l := testListener(t, d.url, opt)
+	for range 200 {
+		ch := make(chan jobwatch.Message, 4)
+		w, err := jobwatch.WatchForJob(ctxT(t), pool, l, "jobs", 10*time.Millisecond, ch, opt, jobwatch.WithJitter(0))
+		require.NoError(t, err)
+		require.NoError(t, w.Close())
+	}
+	assert.LessOrEqual(t, pool.Stat().NewConnsCount(), int64(4), "connections opened")
+}
