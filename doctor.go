@@ -146,7 +146,7 @@ func (d *diagnosis) table(ctx context.Context) bool {
 	case s.missing != nil:
 		d.add("table", StatusFail, raw+" lacks column(s) "+*s.missing, "add them: status, run_at (a timestamp) and locked_by")
 		return false
-	case *s.runAtType != "timestamp with time zone" && *s.runAtType != "timestamp without time zone":
+	case !isRunAtType(*s.runAtType):
 		d.add("table", StatusFail, raw+": run_at is "+*s.runAtType+", the triggers need a timestamp", "make run_at a timestamptz")
 		return false
 	}

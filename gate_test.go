@@ -2,6 +2,7 @@ package jobwatch_test
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -155,4 +156,36 @@ func TestGateBurst(t *testing.T) {
 	assert.Less(t, notified, uint64(producers*each), "some transactions skipped")
 	got := ihp.during(t, func() {})
 	assert.NotEmpty(t, got, "a plain LISTEN (IHP) heard the burst")
+}
+
+// TestIdleCostFlatInTables: an idle process watching 1 table and one
+// watching 20 send the same number of queries: the gate's periodic check
+// is one query per Listener and pool for all their tables, and an idle
+// watch sends nothing between its interval polls.
+func TestIdleCostFlatInTables(t *testing.T) {
+	t.Parallel()
+	perSecond := map[int]float64{}
+	for _, tables := range []int{1, 20} {
+		d := newDB(t)
+		_, opt := newLogs(t)
+		l := testListener(t, d.url, opt)
+		var ws []*jobwatch.Watch
+		for i := range tables {
+			w, _, _ := d.watch(t, opt, watchSetup{table: fmt.Sprintf("jobs_%d", i), listener: l})
+			ws = append(ws, w)
+		}
+		queries := func() uint64 {
+			n := l.Stats().Queries
+			for _, w := range ws {
+				n += w.Stats().Queries
+			}
+			return n
+		}
+		before, start := queries(), time.Now()
+		<-time.After(3 * time.Second) // the window measured
+		perSecond[tables] = float64(queries()-before) / time.Since(start).Seconds()
+	}
+	t.Logf("idle queries per second: %.1f watching 1 table, %.1f watching 20", perSecond[1], perSecond[20])
+	assert.Greater(t, perSecond[1], 0.0, "the gate is checked")
+	assert.LessOrEqual(t, perSecond[20], perSecond[1]+1, "flat in the number of tables")
 }

@@ -179,26 +179,14 @@ func WithInstallBackoff(min, max time.Duration) Option {
 // (EnsureNotificationTriggers, the watch and poll functions,
 // CreateNotificationTriggerSQLWith) use the notify gate, and whether a
 // watch follows it. It applies to the watch, poll and trigger functions.
-// The gate is on by default.
-//
-// PostgreSQL commits the transactions that NOTIFY one at a time (each
-// holds a global lock through its commit and disk flush), which caps
-// concurrent producers of single-row inserts at a fraction of what the
-// table takes without a trigger: a quarter, measured here. With the gate,
-// of the transactions inserting jobs at the same time only one notifies
-// (the one holding the table's notify key until it ends) and the others
-// commit in parallel: 0.9 of the no-trigger rate here. A skipped job is
-// found by the watches: each skip is counted in a sequence, which a watch
-// checks after every gated notification and every 500ms besides, polling
-// when it moved. So a skipped job is woken within a few milliseconds of its
-// commit under load, and within 500ms whatever the other transactions do
-// (stay open, roll back, die). A lone INSERT notifies as without the gate.
-// The cost: each watch runs two small queries a second, plus a check and a
-// poll per gated notification under load.
-//
-// Off, every transaction that leaves a job pending notifies. Use the same
-// setting in every process that installs the triggers of a table: each
-// installation replaces the trigger function.
+// The gate is on by default: of the transactions inserting jobs into a
+// table at the same time only one notifies, so concurrent producers are
+// not made to commit in single file; the others' jobs are woken a few
+// milliseconds after their commit under load, and within 500ms whatever
+// other transactions and roles do. The README's "How it works" tells how,
+// and what it costs. Off, every transaction that leaves a job pending
+// notifies. Use the same setting in every process that installs the
+// triggers of a table: each installation replaces the trigger function.
 func WithNotifyGate(on bool) Option {
 	return func(o *options) {
 		o.mark(optNotifyGate, false, "")

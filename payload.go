@@ -23,9 +23,6 @@ const (
 	payloadAt    = "at:"
 	payloadPoll  = "poll"
 	payloadGated = "g:"
-	// payloadIn is the relative form ("in:<seconds>") that triggers
-	// installed by earlier versions send until they are updated.
-	payloadIn = "in:"
 )
 
 // maxDueCount caps the count of due rows a statement's notification
@@ -69,7 +66,6 @@ func seconds(secs float64) time.Duration {
 type Payload struct {
 	Due   int64         // jobs due now: n for "due:<n>", 1 for "" (and anything unknown); 0 otherwise
 	At    time.Time     // for "at:<epoch>": when the earliest job scheduled for later is due, on the server's clock
-	In    time.Duration // for "in:<seconds>", the relative form of triggers installed by earlier versions
 	Poll  bool          // "poll": look at the table
 	Gated bool          // sent by a gated trigger (WithNotifyGate)
 }
@@ -96,11 +92,6 @@ func ParsePayload(p string) Payload {
 			out.At = unixSeconds(secs)
 			return out
 		}
-	case strings.HasPrefix(p, payloadIn):
-		if secs, err := strconv.ParseFloat(p[len(payloadIn):], 64); err == nil && secs > 0 && secs <= maxTimestampSeconds {
-			out.In = seconds(secs)
-			return out
-		}
 	}
 	out.Due = 1
 	return out
@@ -114,8 +105,6 @@ func (p Payload) String() string {
 		s = "look at the table"
 	case !p.At.IsZero():
 		s = "next job due at " + p.At.UTC().Format(time.RFC3339Nano)
-	case p.In > 0:
-		s = "next job due in " + p.In.String()
 	case p.Due == 1:
 		s = "1 job due"
 	default:

@@ -2,6 +2,7 @@ package jobwatch
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -21,6 +22,9 @@ const (
 	// pendingLater is the condition for a job scheduled for later: a job
 	// at 'infinity' is never due, so not scheduled either.
 	pendingLater = `status IN (` + pendingStatuses + `) AND locked_by IS NULL AND run_at > now() AND run_at < 'infinity'`
+	// runAtTypes are the types run_at may have: the triggers compare it
+	// with now(), which any other type would make fail on every INSERT.
+	runAtTypes = `'timestamp with time zone', 'timestamp without time zone'`
 	// pendingIndexPredicate is the partial index's predicate: pendingNow
 	// without the time, which an index predicate cannot hold.
 	pendingIndexPredicate = `status IN (` + pendingStatuses + `) AND locked_by IS NULL`
@@ -69,4 +73,10 @@ CREATE TABLE IF NOT EXISTS %[1]s (
 func pendingIndexSQL(n names) string {
 	return "CREATE INDEX IF NOT EXISTS " + ident(ownName(indexPrefix, n.table.base())) + " ON " + n.table.quoted() +
 		" (run_at)\n    WHERE " + pendingIndexPredicate
+}
+
+// isRunAtType reports whether typ, as format_type names it, is one of
+// runAtTypes.
+func isRunAtType(typ string) bool {
+	return strings.Contains(runAtTypes, "'"+typ+"'")
 }

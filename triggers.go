@@ -83,6 +83,7 @@ type scriptData struct {
 	Function, RowFunction, IHPFunction, Counter                          string
 	InsertTrigger, UpdateTrigger, PartInsertTrigger, PartUpdateTrigger   string
 	RowTrigger, TransitionTable, PendingArray, PendingStatusesInLiteral  string
+	RunAtTypes                                                           string
 	ChannelFmt, SettingFmt, Prefix, PayloadDue, PayloadAt, PayloadPoll   string
 	OwnsIHPFunction, Gate, MayPartition                                  bool
 	NotifyKey, SkipKey                                                   int64
@@ -106,7 +107,7 @@ func (n names) sqlData(gate, mayPartition bool) *scriptData {
 		Function:     n.function, RowFunction: n.rowFunction, IHPFunction: n.ihpFunction, Counter: n.counter,
 		InsertTrigger: n.insertTrigger, UpdateTrigger: n.updateTrigger,
 		PartInsertTrigger: n.partInsertTrigger, PartUpdateTrigger: n.partUpdateTrigger, RowTrigger: n.rowTrigger,
-		TransitionTable: transitionTable, PendingArray: pendingStatusArray,
+		TransitionTable: transitionTable, PendingArray: pendingStatusArray, RunAtTypes: runAtTypes,
 		PendingStatusesInLiteral: strings.ReplaceAll(pendingStatuses, "'", "''"),
 		ChannelFmt:               fmtLit(n.channel), SettingFmt: fmtLit(n.setting), Prefix: prefix,
 		PayloadDue: payloadDue, PayloadAt: payloadAt, PayloadPoll: payloadPoll,

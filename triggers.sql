@@ -231,7 +231,7 @@ BEGIN
         IF st.missing IS NOT NULL THEN
             RAISE EXCEPTION 'jobwatch: table % lacks column(s) %', {{lit .Raw}}, st.missing USING ERRCODE = '42703';
         END IF;
-        IF st.run_at_type NOT IN ('timestamp with time zone', 'timestamp without time zone') THEN
+        IF st.run_at_type NOT IN ({{.RunAtTypes}}) THEN
             RAISE EXCEPTION 'jobwatch: column run_at of table % must be a timestamp, not %', {{lit .Raw}}, st.run_at_type USING ERRCODE = '42804';
         END IF;
         IF st.foreign_objects IS NOT NULL THEN

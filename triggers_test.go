@@ -40,7 +40,7 @@ func TestLongNamesFitAndDiffer(t *testing.T) {
 	assert.NotEqual(t, ca, cb, "long names sharing a prefix get different channels")
 	assert.Equal(t, ca, jobwatch.ChannelName(a), "deterministic")
 	// 49 bytes is the longest table name whose IHP names all fit.
-	n49 := strings.Repeat("y", 45)
+	n49 := strings.Repeat("y", 49)
 	assert.Equal(t, "job_available_"+n49, jobwatch.ChannelName(n49))
 	// Multi-byte names are cut on a character boundary.
 	u := strings.Repeat("é", 40)

@@ -157,8 +157,6 @@ func (w *Watch) notified(msg Notification) {
 		w.poller.pollSoon()
 	case !p.At.IsZero():
 		w.poller.scheduleAt(p.At)
-	case p.In > 0:
-		w.poller.scheduleIn(p.In)
 	default:
 		// n due jobs need no more wake-ups than the channel has room for:
 		// a woken worker fetches until none is due. One that cannot be
