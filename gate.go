@@ -20,8 +20,9 @@ import (
 // shared mode until it ends, so that "a skipper is open" can be seen, and
 // bumps the table's skip counter, a sequence, whose value every session
 // sees at once, commit or not; it skips only when it can do both without
-// waiting, and otherwise notifies. A watch polls gateTrail after each
-// gated notification, reading the gate with its count; each Listener
+// waiting, and otherwise notifies. While transactions skip, a watch polls
+// gateTrail after each gated notification, reading the gate with its
+// count; each Listener
 // checks, every gateCheckEvery, the gate of every table whose watch has
 // not looked meanwhile, in one query per pool. When the counter moved, or
 // a skipper seen open has ended, the watch polls; while one is open it
@@ -67,17 +68,21 @@ const gateCheckSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock(a.key) THEN pg_a
 const (
 	gateTrail      = 5 * time.Millisecond
 	gateCheckEvery = 500 * time.Millisecond
+	// gateHot is how long after a skip was last seen gated notifications
+	// are followed by a poll.
+	gateHot = 2 * time.Second
 )
 
 // gateState is what a poller last saw of the gate, under its lock.
 type gateState struct {
-	on       bool      // the poller follows the gate (a watch of gated triggers)
-	checked  bool      // a check or poll has run
-	skips    int64     // the counter then
-	open     bool      // a skipper was open then
-	blind    bool      // this role may not read the counter
-	lookedAt time.Time // the last check or poll
-	trail    backoff
+	on        bool      // the poller follows the gate (a watch of gated triggers)
+	checked   bool      // a check or poll has run
+	skips     int64     // the counter then
+	open      bool      // a skipper was open then
+	blind     bool      // this role may not read the counter
+	lookedAt  time.Time // the last check or poll
+	skippedAt time.Time // the last look that saw the counter move or a skipper open
+	trail     backoff
 }
 
 // followGate makes the poller follow the notify gate (a watch's poller,
@@ -91,12 +96,18 @@ func (p *Poller) gateArgs() []any {
 	return []any{p.names.skipKey, p.names.table.quoted(), p.names.counter}
 }
 
-// gateSoon asks for a poll gateTrail from now: a gated notification came.
+// gateSoon asks for a poll gateTrail from now: a gated notification came
+// while transactions skip (the last looks saw skips, or a skipper open).
 // Not at once: the wake-up it sent has a worker fetching now, and the
-// skippers behind the notifier are committing.
+// skippers behind the notifier are committing. When nothing has skipped
+// for gateHot, nothing is asked: a lone producer's notifications cost no
+// query beyond the workers' fetches, and a first skip is found by the
+// Listener's periodic check, which makes the gate hot.
 func (p *Poller) gateSoon() {
 	p.mu.Lock()
-	changed := p.gate.on && earlier(&p.sched.trailAt, time.Now().Add(gateTrail))
+	now := time.Now()
+	hot := p.gate.on && (p.gate.open || now.Sub(p.gate.skippedAt) < gateHot)
+	changed := hot && earlier(&p.sched.trailAt, now.Add(gateTrail))
 	p.mu.Unlock()
 	if changed {
 		p.signal()
@@ -143,7 +154,11 @@ func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) bool {
 	}
 	g.blind = !readable
 	poll := g.open || (g.checked && skips != g.skips)
-	g.checked, g.skips, g.open, g.lookedAt = true, skips, open, time.Now()
+	now := time.Now()
+	if poll || open {
+		g.skippedAt = now
+	}
+	g.checked, g.skips, g.open, g.lookedAt = true, skips, open, now
 	if open {
 		earlier(&p.sched.trailAt, time.Now().Add(g.trail.delay()))
 	} else {

@@ -31,13 +31,11 @@ Two rules hold everywhere below:
 -- {{.TableFmt}} about the jobs a statement left pending. Every name below is
 -- schema-qualified: the inserting session's search_path changes nothing.
 DECLARE
-    due pg_catalog.int8 := 0;
+    -- A skipping INSERT (the notify gate) uses these alone: the notifying
+    -- part's variables are in its own block, so that a skipper does not
+    -- pay for their initialization.
+    due pg_catalog.int8;
     next_at pg_catalog.timestamptz;
-    state pg_catalog.text;
-    sent pg_catalog.int4 := 0;
-    announced pg_catalog.numeric := 'NaN'; -- the earliest time announced; NaN: none
-    announce pg_catalog.text[] := '{}';
-    payload pg_catalog.text;
     counter pg_catalog.regclass;
     skips pg_catalog.int8;
 BEGIN
@@ -73,33 +71,40 @@ BEGIN
     -- notifications of a transaction, but not these, so past {{.Bound}} the
     -- transaction sends "poll" (merged into one), and each watch then
     -- reads the count and the time from the table itself.
-    state := pg_catalog.current_setting({{.SettingFmt}}, true);
-    IF state OPERATOR(pg_catalog.<>) '' THEN
-        sent := pg_catalog.split_part(state, ' ', 1)::pg_catalog.int4;
-        announced := pg_catalog.split_part(state, ' ', 2)::pg_catalog.numeric;
-    END IF;
-    IF due OPERATOR(pg_catalog.=) 1 THEN
-        -- Merged with the transaction's other ones: not counted.
-        announce := pg_catalog.array_append(announce, ''::pg_catalog.text);
-    ELSIF due OPERATOR(pg_catalog.>) 1 THEN
-        announce := pg_catalog.array_append(announce, pg_catalog.concat('{{.PayloadDue}}', LEAST(due, {{.MaxDue}})));
-    END IF;
-    -- The time is absolute, on the server's clock: the notification is
-    -- delivered at commit, however long after this statement that is.
-    IF next_at IS NOT NULL AND EXTRACT(epoch FROM next_at) OPERATOR(pg_catalog.<) announced THEN
-        announced := EXTRACT(epoch FROM next_at);
-        announce := pg_catalog.array_append(announce, pg_catalog.concat('{{.PayloadAt}}', announced));
-    END IF;
-    FOREACH payload IN ARRAY announce LOOP
-        IF payload OPERATOR(pg_catalog.<>) '' THEN
-            IF sent OPERATOR(pg_catalog.>=) {{.Bound}} THEN
-                payload := '{{.PayloadPoll}}';
-            END IF;
-            sent := sent OPERATOR(pg_catalog.+) 1;
+    DECLARE
+        state pg_catalog.text := pg_catalog.current_setting({{.SettingFmt}}, true);
+        sent pg_catalog.int4 := 0;
+        announced pg_catalog.numeric := 'NaN'; -- the earliest time announced; NaN: none
+        announce pg_catalog.text[] := '{}';
+        payload pg_catalog.text;
+    BEGIN
+        IF state OPERATOR(pg_catalog.<>) '' THEN
+            sent := pg_catalog.split_part(state, ' ', 1)::pg_catalog.int4;
+            announced := pg_catalog.split_part(state, ' ', 2)::pg_catalog.numeric;
         END IF;
-        PERFORM pg_catalog.pg_notify({{.ChannelFmt}}, pg_catalog.concat({{.Prefix}}, payload));
-    END LOOP;
-    PERFORM pg_catalog.set_config({{.SettingFmt}}, pg_catalog.concat(sent, ' ', announced), true);
+        IF due OPERATOR(pg_catalog.=) 1 THEN
+            -- Merged with the transaction's other ones: not counted.
+            announce := pg_catalog.array_append(announce, ''::pg_catalog.text);
+        ELSIF due OPERATOR(pg_catalog.>) 1 THEN
+            announce := pg_catalog.array_append(announce, pg_catalog.concat('{{.PayloadDue}}', LEAST(due, {{.MaxDue}})));
+        END IF;
+        -- The time is absolute, on the server's clock: the notification is
+        -- delivered at commit, however long after this statement that is.
+        IF next_at IS NOT NULL AND EXTRACT(epoch FROM next_at) OPERATOR(pg_catalog.<) announced THEN
+            announced := EXTRACT(epoch FROM next_at);
+            announce := pg_catalog.array_append(announce, pg_catalog.concat('{{.PayloadAt}}', announced));
+        END IF;
+        FOREACH payload IN ARRAY announce LOOP
+            IF payload OPERATOR(pg_catalog.<>) '' THEN
+                IF sent OPERATOR(pg_catalog.>=) {{.Bound}} THEN
+                    payload := '{{.PayloadPoll}}';
+                END IF;
+                sent := sent OPERATOR(pg_catalog.+) 1;
+            END IF;
+            PERFORM pg_catalog.pg_notify({{.ChannelFmt}}, pg_catalog.concat({{.Prefix}}, payload));
+        END LOOP;
+        PERFORM pg_catalog.set_config({{.SettingFmt}}, pg_catalog.concat(sent, ' ', announced), true);
+    END;
     RETURN NULL;
 END
 {{end}}

@@ -45,6 +45,7 @@ var steps = []struct {
 	{"scheduled", (*bench).scheduled},
 	{"producers", (*bench).producers},
 	{"fanin", (*bench).fanIn},
+	{"fleet", (*bench).fleet},
 	{"poll", (*bench).pollCost},
 	{"bulk", (*bench).bulkInsert},
 }

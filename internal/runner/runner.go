@@ -39,10 +39,24 @@ type Config struct {
 	// Ready, when set, is called once the runner watches the table.
 	Ready  func()
 	Logger *slog.Logger // nil: slog.Default()
+	// Options are given to the watch, after WithLogger.
+	Options []jobwatch.Option
+	// Live, when set, counts what the runner does while it runs, and
+	// receives its watch.
+	Live *Live
 }
 
 // Counts are what a runner did.
 type Counts struct{ Ran, Failed, Fetches int64 }
+
+// Live is what a runner has done so far, readable while it runs.
+type Live struct {
+	Ran, Failed, Fetches atomic.Int64
+	watch                atomic.Pointer[jobwatch.Watch]
+}
+
+// Watch returns the runner's watch, nil before it watches.
+func (l *Live) Watch() *jobwatch.Watch { return l.watch.Load() }
 
 // Run watches the table and runs its jobs until ctx ends (or, with
 // ExitWhenIdle, nothing is left), then waits for the jobs it started and
@@ -58,11 +72,16 @@ func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c
 		return Counts{}, err
 	}
 	wake := make(chan jobwatch.Message, c.Concurrency)
-	watch, err := jobwatch.WatchForJob(ctx, pool, listener, c.Table, c.PollInterval, wake, jobwatch.WithLogger(c.Logger))
+	watch, err := jobwatch.WatchForJob(ctx, pool, listener, c.Table, c.PollInterval, wake,
+		append([]jobwatch.Option{jobwatch.WithLogger(c.Logger)}, c.Options...)...)
 	if err != nil {
 		return Counts{}, err
 	}
 	defer watch.Close()
+	if c.Live == nil {
+		c.Live = &Live{}
+	}
+	c.Live.watch.Store(watch)
 
 	var workerID pgtype.UUID
 	_, _ = rand.Read(workerID.Bytes[:])
@@ -78,7 +97,7 @@ func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c
 	wg.Go(func() { w.fetchLoop(ctx, wake) })
 	wg.Go(func() { w.housekeeping(ctx, stop) })
 	wg.Wait()
-	return Counts{Ran: w.ran.Load(), Failed: w.failed.Load(), Fetches: w.fetches.Load()}, nil
+	return Counts{Ran: c.Live.Ran.Load(), Failed: c.Live.Failed.Load(), Fetches: c.Live.Fetches.Load()}, nil
 }
 
 type worker struct {
@@ -96,8 +115,6 @@ type worker struct {
 	running sync.WaitGroup
 
 	perform, fetchTime ewma // how long jobs and fetches take
-
-	ran, failed, fetches atomic.Int64
 }
 
 // fetchLoop runs the fetchers and the completer. Each fetcher waits for a
@@ -361,7 +378,7 @@ type result struct {
 // fetch locks up to n due jobs for this worker, recording the finished
 // ones that wait in w.done.
 func (w *worker) fetch(ctx context.Context, n int) ([]job, error) {
-	w.fetches.Add(1)
+	w.c.Live.Fetches.Add(1)
 	done := w.done.take()
 	// Not ctx: a fetch cut short by a shutdown may still have marked jobs
 	// running on the server, and no one would run them.
@@ -397,7 +414,7 @@ func (w *worker) fetch(ctx context.Context, n int) ([]job, error) {
 		}
 	}
 	w.done.add(left...)
-	w.ran.Add(int64(len(recorded)))
+	w.c.Live.Ran.Add(int64(len(recorded)))
 	return jobs, nil
 }
 
@@ -444,7 +461,7 @@ func (w *worker) flushDone(ctx context.Context) {
 		w.log.Error("mark jobs succeeded", "error", err)
 		return
 	}
-	w.ran.Add(int64(len(ids)))
+	w.c.Live.Ran.Add(int64(len(ids)))
 }
 
 // doneBatch is the successes not recorded yet.
@@ -476,7 +493,7 @@ func (d *doneBatch) take() []pgtype.UUID {
 }
 
 func (w *worker) recordFailure(ctx context.Context, r result) {
-	w.failed.Add(1)
+	w.c.Live.Failed.Add(1)
 	w.log.Info("job failed", "id", fmt.Sprintf("%x", r.job.id.Bytes), "attempt", r.job.attempts, "error", r.err)
 	status := "job_status_retry"
 	if r.job.attempts >= w.c.MaxAttempts {

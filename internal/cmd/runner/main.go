@@ -10,6 +10,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -17,6 +18,8 @@ import (
 	mrand "math/rand/v2"
 	"os"
 	"os/signal"
+	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -37,11 +40,13 @@ type config struct {
 	enqueueLater int
 	exitIdle     bool
 	syncCommit   string
+	gate         bool
 }
 
 func main() {
 	var c config
-	flag.StringVar(&c.table, "table", "jobs", "job table ([schema.]table)")
+	flag.StringVar(&c.table, "table", "jobs", "job table ([schema.]table), or several separated by commas, each with its own runner")
+	flag.BoolVar(&c.gate, "gate", true, "install and follow the notify gate")
 	flag.IntVar(&c.concurrency, "concurrency", 4, "jobs run at once")
 	flag.DurationVar(&c.pollInterval, "poll", time.Minute, "poll interval")
 	flag.DurationVar(&c.staleAfter, "stale-after", 5*time.Minute, "a running job locked longer than this is put back in the queue (its worker died)")
@@ -115,27 +120,66 @@ func run(c config, logger *slog.Logger) error {
 		return fmt.Errorf("connect: %w", err)
 	}
 	defer pool.Close()
-	if err := runner.CreateTable(ctx, pool, c.table); err != nil {
-		return err
-	}
-	if err := runner.Enqueue(ctx, pool, c.table, c.enqueue, c.enqueueLater); err != nil {
-		return err
+	tables := strings.Split(c.table, ",")
+	for _, t := range tables {
+		if err := runner.CreateTable(ctx, pool, t); err != nil {
+			return err
+		}
+		if err := runner.Enqueue(ctx, pool, t, c.enqueue, c.enqueueLater); err != nil {
+			return err
+		}
 	}
 	listener, err := jobwatch.NewListener(dsn, jobwatch.WithLogger(logger))
 	if err != nil {
 		return err
 	}
 	defer listener.Close()
-	counts, err := runner.Run(ctx, pool, listener, runner.Config{
-		Table: c.table, Concurrency: c.concurrency, PollInterval: c.pollInterval, StaleAfter: c.staleAfter,
-		MaxAttempts: c.maxAttempts, ExitWhenIdle: c.exitIdle, Logger: logger,
-		Perform: func(_ context.Context, attempt int) error { return c.perform(attempt) },
-	})
-	if err != nil {
-		return err
+	live := make([]*runner.Live, len(tables))
+	go printStats(listener, live)
+	var wg sync.WaitGroup
+	errs := make([]error, len(tables))
+	for i, t := range tables {
+		live[i] = &runner.Live{}
+		wg.Go(func() {
+			counts, err := runner.Run(ctx, pool, listener, runner.Config{
+				Table: t, Concurrency: c.concurrency, PollInterval: c.pollInterval, StaleAfter: c.staleAfter,
+				MaxAttempts: c.maxAttempts, ExitWhenIdle: c.exitIdle, Logger: logger, Live: live[i],
+				Options: []jobwatch.Option{jobwatch.WithNotifyGate(c.gate)},
+				Perform: func(_ context.Context, attempt int) error { return c.perform(attempt) },
+			})
+			if err == nil {
+				logger.Info("worker stopped", "table", t, "ran", counts.Ran, "failed", counts.Failed, "fetches", counts.Fetches)
+			}
+			errs[i] = err
+		})
 	}
-	logger.Info("worker stopped", "ran", counts.Ran, "failed", counts.Failed, "fetches", counts.Fetches)
-	return nil
+	wg.Wait()
+	return errors.Join(errs...)
+}
+
+// printStats prints, on SIGUSR1, one JSON line on stdout with what the
+// process has done so far: for the fleet benchmark.
+func printStats(listener *jobwatch.Listener, live []*runner.Live) {
+	usr1 := make(chan os.Signal, 1)
+	signal.Notify(usr1, syscall.SIGUSR1)
+	for range usr1 {
+		var s struct {
+			ListenerQueries, WatchQueries, Notifications, Polls, Fetches, Ran uint64
+		}
+		s.ListenerQueries = listener.Stats().Queries
+		for _, l := range live {
+			if w := l.Watch(); w != nil {
+				ws := w.Stats()
+				s.WatchQueries += ws.Queries
+				s.Notifications += ws.Notifications
+				s.Polls += ws.Polls
+			}
+			s.Fetches += uint64(l.Fetches.Load())
+			s.Ran += uint64(l.Ran.Load())
+		}
+		line, _ := json.Marshal(s)
+		fmt.Println(string(line))
+	}
 }
 
 // perform is the demo job: it works for jobDuration and fails at failRate.

@@ -1,0 +1,314 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/jobwatch-go/jobwatch"
+	"github.com/jobwatch-go/jobwatch/internal/pgtest"
+)
+
+// The fleet: many worker processes, each internal/cmd/runner (the tuned
+// runner) watching fleetTables tables with one Listener and a pool of
+// three connections, on a scratch cluster of its own (a fleet needs more
+// connections than a default server allows).
+const (
+	fleetTables = 10
+	fleetRate   = 200 // jobs a second, spread over the tables, while measured under load
+)
+
+// fleet measures, for the whole fleet: the queries it sends while idle,
+// the fetch queries per job and the commit-to-fetch latency under a
+// steady insert rate; each with the gate on and off, next to one process
+// doing the same (its floor); and one process's idle queries watching 1
+// and 20 tables.
+func (b *bench) fleet() error {
+	procs := samples(32, 8)
+	dir, err := os.MkdirTemp("", "jobwatch-bench-fleet")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	bin := filepath.Join(dir, "runner")
+	if out, err := exec.Command("go", "build", "-o", bin, "github.com/jobwatch-go/jobwatch/internal/cmd/runner").CombinedOutput(); err != nil {
+		return fmt.Errorf("build the runner: %v: %s", err, out)
+	}
+	cluster, err := pgtest.NewCluster("max_connections=600")
+	if err != nil {
+		return err
+	}
+	defer cluster.Remove()
+	url := cluster.URL("postgres")
+	admin, err := pgxpool.New(b.ctx, url)
+	if err != nil {
+		return err
+	}
+	defer admin.Close()
+
+	type result struct {
+		idle         float64 // queries a second, the whole fleet
+		fetchesPerJ  float64
+		p50, p99     time.Duration
+		jobs         int
+		notification uint64
+	}
+	measure := func(n, tables int, gate bool, load bool) (result, error) {
+		var r result
+		names := make([]string, tables)
+		for i := range names {
+			names[i] = fmt.Sprintf("fleet_%d", i)
+			if _, err := admin.Exec(b.ctx, "DROP TABLE IF EXISTS "+names[i]+"; "+jobwatch.CreateJobTableSQL(names[i])); err != nil {
+				return r, err
+			}
+			if _, err := admin.Exec(b.ctx, jobwatch.CreateNotificationTriggerSQLWith(names[i], jobwatch.WithNotifyGate(gate))); err != nil {
+				return r, err
+			}
+		}
+		f, err := startFleet(bin, url, n, names, gate)
+		if err != nil {
+			return r, err
+		}
+		defer f.stop()
+		time.Sleep(2 * time.Second) // start-up done: first polls, the first probes
+		before, err := f.snapshot()
+		if err != nil {
+			return r, err
+		}
+		idle := time.Duration(samples(10, 3)) * time.Second
+		time.Sleep(idle)
+		after, err := f.snapshot()
+		if err != nil {
+			return r, err
+		}
+		r.idle = float64(after.queries()-before.queries()) / idle.Seconds()
+		if !load {
+			return r, nil
+		}
+		start := time.Now()
+		dur := time.Duration(samples(10, 3)) * time.Second
+		conn, err := admin.Acquire(b.ctx)
+		if err != nil {
+			return r, err
+		}
+		tick := time.NewTicker(time.Second / fleetRate)
+		for deadline := start.Add(dur); time.Now().Before(deadline); <-tick.C {
+			if _, err := conn.Exec(b.ctx, "INSERT INTO "+names[rand.N(len(names))]+" DEFAULT VALUES"); err != nil {
+				tick.Stop()
+				conn.Release()
+				return r, err
+			}
+			r.jobs++
+		}
+		tick.Stop()
+		conn.Release()
+		union := make([]string, len(names))
+		for i, t := range names {
+			union[i] = "SELECT status::text, extract(epoch FROM locked_at - created_at)::float8 AS lat FROM " + t
+		}
+		all := strings.Join(union, " UNION ALL ")
+		if err := waitUntil(time.Minute, "every job fetched", func() bool {
+			var left int
+			err := admin.QueryRow(b.ctx, "SELECT count(*) FROM ("+all+") j WHERE status = 'job_status_not_started'").Scan(&left)
+			return err == nil && left == 0
+		}); err != nil {
+			return r, err
+		}
+		done, err := f.snapshot()
+		if err != nil {
+			return r, err
+		}
+		r.fetchesPerJ = float64(done.Fetches-after.Fetches) / float64(r.jobs)
+		r.notification = done.Notifications - after.Notifications
+		rows, err := admin.Query(b.ctx, "SELECT lat FROM ("+all+") j")
+		if err != nil {
+			return r, err
+		}
+		var lat []time.Duration
+		for rows.Next() {
+			var secs float64
+			if err := rows.Scan(&secs); err != nil {
+				rows.Close()
+				return r, err
+			}
+			lat = append(lat, time.Duration(secs*float64(time.Second)))
+		}
+		rows.Close()
+		r.p50, r.p99 = percentile(lat, 50), percentile(lat, 99)
+		return r, rows.Err()
+	}
+
+	one, err := measure(1, fleetTables, true, true)
+	if err != nil {
+		return err
+	}
+	on, err := measure(procs, fleetTables, true, true)
+	if err != nil {
+		return err
+	}
+	oneOff, err := measure(1, fleetTables, false, true)
+	if err != nil {
+		return err
+	}
+	off, err := measure(procs, fleetTables, false, true)
+	if err != nil {
+		return err
+	}
+	t1, err := measure(1, 1, true, false)
+	if err != nil {
+		return err
+	}
+	t20, err := measure(1, 20, true, false)
+	if err != nil {
+		return err
+	}
+	fleet := fmt.Sprintf("fleet of %d processes x %d tables", procs, fleetTables)
+	b.report(row{fleet + ", idle: queries per second, all processes (the gate on)", fmt.Sprintf("%.1f q/s", on.idle),
+		fmt.Sprintf("%.1f q/s (the gate off: health and delivery checks only)", off.idle), ratio(on.idle, off.idle),
+		"flat in the number of tables"})
+	b.report(row{"one process idle, watching 1 table / 20 tables (the gate on)", fmt.Sprintf("%.1f q/s (20 tables)", t20.idle),
+		fmt.Sprintf("%.1f q/s (1 table)", t1.idle), ratio(t20.idle, t1.idle), "1x"})
+	for _, c := range []struct {
+		gate      string
+		fleet, pr result
+	}{{"on", on, one}, {"off", off, oneOff}} {
+		b.report(row{fmt.Sprintf("%s, %d jobs/s for %d jobs, the gate %s: fetch queries per job (the herd)", fleet, fleetRate, c.fleet.jobs, c.gate),
+			fmt.Sprintf("%.1f", c.fleet.fetchesPerJ), fmt.Sprintf("%.1f (one process)", c.pr.fetchesPerJ),
+			ratio(c.fleet.fetchesPerJ, c.pr.fetchesPerJ), ""})
+		b.report(row{fmt.Sprintf("same, commit to fetch p50 / p99 (server clock, %d notifications)", c.fleet.notification),
+			ms(c.fleet.p50) + " / " + ms(c.fleet.p99), ms(c.pr.p50) + " / " + ms(c.pr.p99) + " (one process)",
+			ratio(float64(c.fleet.p99), float64(c.pr.p99)), ""})
+	}
+	return nil
+}
+
+// fleetProcs is a running fleet.
+type fleetProcs struct {
+	procs []*exec.Cmd
+	lines []chan string // each process's stdout, a JSON line per snapshot
+	logs  []*strings.Builder
+	mu    sync.Mutex
+}
+
+// fleetStats is what a runner process prints on SIGUSR1, summed.
+type fleetStats struct {
+	ListenerQueries, WatchQueries, Notifications, Polls, Fetches, Ran uint64
+}
+
+func (s fleetStats) queries() uint64 { return s.ListenerQueries + s.WatchQueries }
+
+func startFleet(bin, url string, n int, tables []string, gate bool) (*fleetProcs, error) {
+	dsn, err := pgtest.WithParam(url, "pool_max_conns", "3")
+	if err != nil {
+		return nil, err
+	}
+	f := &fleetProcs{}
+	ready := make(chan struct{}, n*len(tables))
+	for range n {
+		cmd := exec.Command(bin, "-table", strings.Join(tables, ","), "-concurrency", "2", "-poll", "1m",
+			"-job-duration", "0", "-fail-rate", "0", fmt.Sprintf("-gate=%v", gate))
+		cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			f.stop()
+			return nil, err
+		}
+		stderr, err := cmd.StderrPipe()
+		if err != nil {
+			f.stop()
+			return nil, err
+		}
+		if err := cmd.Start(); err != nil {
+			f.stop()
+			return nil, err
+		}
+		lines := make(chan string, 16)
+		log := &strings.Builder{}
+		go func() {
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				lines <- sc.Text()
+			}
+		}()
+		go func() {
+			sc := bufio.NewScanner(stderr)
+			for sc.Scan() {
+				f.mu.Lock()
+				log.WriteString(sc.Text() + "\n")
+				f.mu.Unlock()
+				if strings.Contains(sc.Text(), `msg="worker started"`) {
+					ready <- struct{}{}
+				}
+			}
+		}()
+		f.procs = append(f.procs, cmd)
+		f.lines = append(f.lines, lines)
+		f.logs = append(f.logs, log)
+	}
+	timeout := time.After(time.Minute)
+	for range n * len(tables) {
+		select {
+		case <-ready:
+		case <-timeout:
+			f.stop()
+			return nil, fmt.Errorf("the fleet did not start within a minute")
+		}
+	}
+	return f, nil
+}
+
+// snapshot asks every process for its counts and sums them.
+func (f *fleetProcs) snapshot() (fleetStats, error) {
+	var sum fleetStats
+	for _, p := range f.procs {
+		if err := p.Process.Signal(syscall.SIGUSR1); err != nil {
+			return sum, err
+		}
+	}
+	for i, lines := range f.lines {
+		select {
+		case line := <-lines:
+			var s fleetStats
+			if err := json.Unmarshal([]byte(line), &s); err != nil {
+				return sum, fmt.Errorf("process %d: %q: %w", i, line, err)
+			}
+			sum.ListenerQueries += s.ListenerQueries
+			sum.WatchQueries += s.WatchQueries
+			sum.Notifications += s.Notifications
+			sum.Polls += s.Polls
+			sum.Fetches += s.Fetches
+			sum.Ran += s.Ran
+		case <-time.After(10 * time.Second):
+			return sum, fmt.Errorf("process %d did not report; its log:\n%s", i, f.logs[i].String())
+		}
+	}
+	return sum, nil
+}
+
+func (f *fleetProcs) stop() {
+	for _, p := range f.procs {
+		_ = p.Process.Signal(syscall.SIGTERM)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, p := range f.procs {
+		done := make(chan struct{})
+		go func() { _ = p.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-ctx.Done():
+			_ = p.Process.Kill()
+			<-done
+		}
+	}
+}
