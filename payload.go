@@ -64,10 +64,10 @@ func seconds(secs float64) time.Duration {
 
 // Payload is a notification payload of jobwatch's triggers, decoded.
 type Payload struct {
-	Due   int64         // jobs due now: n for "due:<n>", 1 for "" (and anything unknown); 0 otherwise
-	At    time.Time     // for "at:<epoch>": when the earliest job scheduled for later is due, on the server's clock
-	Poll  bool          // "poll": look at the table
-	Gated bool          // sent by a gated trigger (WithNotifyGate)
+	Due   int64     // jobs due now: n for "due:<n>", 1 for "" (and anything unknown); 0 otherwise
+	At    time.Time // for "at:<epoch>": when the earliest job scheduled for later is due, on the server's clock
+	Poll  bool      // "poll": look at the table
+	Gated bool      // sent by a gated trigger (WithNotifyGate)
 }
 
 // ParsePayload decodes a notification payload sent on a table's channel

@@ -30,17 +30,17 @@ func TestScheduleStep(t *testing.T) {
 		}, at(time.Second), 0, step{wakeAt: at(10 * time.Second)}},
 		{"the job's moment comes: poll, not an interval poll", func(s *schedule) {
 			s.nextInterval, s.scheduled = at(time.Minute), at(10*time.Second)
-		}, at(10*time.Second), 0, step{poll: true, wakeAt: at(time.Minute)}},
+		}, at(10 * time.Second), 0, step{poll: true, wakeAt: at(time.Minute)}},
 		{"asked for now", func(s *schedule) { s.nextInterval, s.pollNow = at(time.Minute), true }, at(time.Second), 0,
 			step{poll: true, wakeAt: at(time.Minute)}},
 		{"behind the gate only: trailing", func(s *schedule) { s.nextInterval, s.trailAt = at(time.Minute), at(5*time.Millisecond) },
-			at(5*time.Millisecond), 0, step{poll: true, trailOnly: true, wakeAt: at(time.Minute)}},
+			at(5 * time.Millisecond), 0, step{poll: true, trailOnly: true, wakeAt: at(time.Minute)}},
 		{"behind the gate and asked for: a full poll", func(s *schedule) {
 			s.nextInterval, s.trailAt, s.pollNow = at(time.Minute), at(5*time.Millisecond), true
-		}, at(5*time.Millisecond), 0, step{poll: true, wakeAt: at(time.Minute)}},
+		}, at(5 * time.Millisecond), 0, step{poll: true, wakeAt: at(time.Minute)}},
 		{"degraded: the fallback shortens the wait from the last interval poll", func(s *schedule) {
 			s.lastInterval, s.nextInterval = t0, at(time.Minute)
-		}, at(100*time.Millisecond), time.Second, step{wakeAt: at(time.Second)}},
+		}, at(100 * time.Millisecond), time.Second, step{wakeAt: at(time.Second)}},
 		{"degraded: polls every fallback, no jitter", func(s *schedule) {
 			s.lastInterval, s.nextInterval = t0, at(time.Second)
 		}, at(time.Second), time.Second, step{poll: true, interval: true, wakeAt: at(2 * time.Second)}},
