@@ -33,15 +33,19 @@ func trySend(wake chan<- Message, msg Message) bool {
 
 // dropReporter counts wake-ups dropped because the caller's channel was
 // full and logs them at most once per interval, with the count since the
-// last report, so a stalled consumer cannot flood the log.
+// last report, so a stalled consumer cannot flood the log. A full channel
+// is normal for a reader that drains it at each wake-up while it is busy:
+// that is said at debug level. When nothing could be sent for a whole
+// interval, the reader looks stuck, and that is a warning.
 type dropReporter struct {
 	interval time.Duration
-	report   func(dropped uint64)
+	report   func(dropped uint64, stuck time.Duration)
 
-	mu      sync.Mutex
-	pending uint64
-	last    time.Time
-	total   atomic.Uint64
+	mu       sync.Mutex
+	pending  uint64
+	last     time.Time
+	lastSent atomic.Int64 // unix nanoseconds of the last wake-up sent
+	total    atomic.Uint64
 }
 
 func (d *dropReporter) dropped(n uint64) {
@@ -57,7 +61,11 @@ func (d *dropReporter) dropped(n uint64) {
 	d.pending = 0
 	d.last = now
 	d.mu.Unlock()
-	d.report(count)
+	var stuck time.Duration
+	if since := now.Sub(time.Unix(0, d.lastSent.Load())); since >= d.interval {
+		stuck = since
+	}
+	d.report(count, stuck)
 }
 
 // wake sends n JobAvailable without blocking; those the channel has no
@@ -72,7 +80,10 @@ func (c *counters) wake(n int64) {
 			break
 		}
 	}
-	c.sent.Add(sent)
+	if sent > 0 {
+		c.sent.Add(sent)
+		c.drops.lastSent.Store(time.Now().UnixNano())
+	}
 	if dropped > 0 {
 		c.drops.dropped(dropped)
 	}

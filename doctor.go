@@ -35,6 +35,10 @@ type Finding struct {
 	Status Status
 	Detail string // what was found
 	Fix    string // what to do; empty for StatusOK
+	// Err is the error that kept the check from looking (a query that
+	// failed: the server did not answer, a right is missing); nil when
+	// it looked.
+	Err error
 }
 
 // Diagnose runs, for one job table, every check this package knows for why
@@ -58,8 +62,10 @@ type Finding struct {
 //
 // It only reads, except for that one NOTIFY, on a private channel that no
 // worker listens to. It returns an error for a nil pool, an invalid table
-// name or an unparsable connection string; a server that cannot be reached
-// is a failed check.
+// name or an unparsable connection string, and, with the findings so far,
+// one wrapping ctx's error when ctx ends before every check ran (a probe
+// cut short proves nothing about the delivery). A server that cannot be
+// reached is a failed check, with its error in Finding.Err.
 func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, tableName string) ([]Finding, error) {
 	n, err := deriveNames(tableName)
 	if err != nil {
@@ -86,6 +92,9 @@ func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, table
 		d.queue(ctx)
 	}
 	d.delivery(ctx, l)
+	if err := ctx.Err(); err != nil {
+		return d.findings, fmt.Errorf("jobwatch: diagnose %s: not every check ran: %w", tableName, err)
+	}
 	return d.findings, nil
 }
 
@@ -99,6 +108,11 @@ type diagnosis struct {
 
 func (d *diagnosis) add(check string, status Status, detail, fix string) {
 	d.findings = append(d.findings, Finding{Check: check, Status: status, Detail: detail, Fix: fix})
+}
+
+// failed records a check that could not look, because of err.
+func (d *diagnosis) failed(check, detail string, err error, fix string) {
+	d.findings = append(d.findings, Finding{Check: check, Status: StatusFail, Detail: detail + err.Error(), Fix: fix, Err: err})
 }
 
 func (d *diagnosis) tableExpr() string {
@@ -118,7 +132,7 @@ func (d *diagnosis) server(ctx context.Context) bool {
 		Scan(&version, &database, &recovery)
 	switch {
 	case err != nil:
-		d.add("server", StatusFail, "cannot query through the pool: "+err.Error(), "check the connection string and that the server runs")
+		d.failed("server", "cannot query through the pool: ", err, "check the connection string and that the server runs")
 		return false
 	case recovery:
 		d.add("server", StatusFail, fmt.Sprintf("PostgreSQL %s, database %s, is a standby in recovery: jobs cannot be inserted or fetched there", version, database),
@@ -138,7 +152,7 @@ func (d *diagnosis) table(ctx context.Context) bool {
 	raw := d.names.table.raw
 	switch {
 	case err != nil:
-		d.add("table", StatusFail, "cannot read the catalog: "+err.Error(), "")
+		d.failed("table", "cannot read the catalog: ", err, "")
 		return false
 	case !s.exists:
 		d.add("table", StatusFail, raw+" does not exist", "create it: jobwatch.CreateJobTableSQL gives IHP's schema")
@@ -205,7 +219,7 @@ func (d *diagnosis) privileges(ctx context.Context, current bool) {
 		FROM pg_class c WHERE c.oid = `+d.tableExpr()).Scan(&owner, &create)
 	switch {
 	case err != nil:
-		d.add("privileges", StatusFail, "cannot read the catalog: "+err.Error(), "")
+		d.failed("privileges", "cannot read the catalog: ", err, "")
 	case owner && create:
 		d.add("privileges", StatusOK, "this role can install and repair the triggers", "")
 	case current:
@@ -222,7 +236,7 @@ func (d *diagnosis) index(ctx context.Context) {
 		AND pg_get_expr(i.indpred, i.indrelid) LIKE '%locked_by IS NULL%')`).Scan(&found)
 	switch {
 	case err != nil:
-		d.add("index", StatusFail, "cannot read the catalog: "+err.Error(), "")
+		d.failed("index", "cannot read the catalog: ", err, "")
 	case found:
 		d.add("index", StatusOK, "a partial index on pending jobs", "")
 	default:
@@ -243,7 +257,7 @@ func (d *diagnosis) jobs(ctx context.Context) {
 		extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now() AND run_at > '-infinity'))::float8
 		FROM `+t+` WHERE `+pendingIndexPredicate).Scan(&due, &later, &never, &oldest)
 	if err != nil {
-		d.add("jobs", StatusFail, "cannot count them: "+err.Error(), "")
+		d.failed("jobs", "cannot count them: ", err, "")
 		return
 	}
 	detail := fmt.Sprintf("%d due now, %d scheduled for later", due, later)
@@ -266,7 +280,7 @@ func (d *diagnosis) jobs(ctx context.Context) {
 func (d *diagnosis) queue(ctx context.Context) {
 	var usage float64
 	if err := d.pool.QueryRow(ctx, "SELECT pg_notification_queue_usage()").Scan(&usage); err != nil {
-		d.add("notify queue", StatusFail, "cannot read it: "+err.Error(), "")
+		d.failed("notify queue", "cannot read it: ", err, "")
 		return
 	}
 	detail := fmt.Sprintf("%.2f%% used", 100*usage)
@@ -285,7 +299,7 @@ func (d *diagnosis) queue(ctx context.Context) {
 // Listener of its own on the Listener's connection string.
 func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
 	if _, err := l.subscribe(ctx, d.names.channel, func(Notification) {}); err != nil {
-		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+err.Error(),
+		d.failed("delivery", "cannot LISTEN on the listener's connection string: ", err,
 			"point the Listener at the primary, directly or through a session-mode pool")
 		return
 	}
@@ -307,6 +321,13 @@ func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
 		case probeLost:
 			cause = why
 		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		d.failed("delivery", "not checked: the time ran out while a probe was on its way: ", err, "allow more time")
+		return
 	}
 	d.add("delivery", StatusFail, "a NOTIFY sent through the pool never reached a LISTEN on the listener's connection string: "+cause,
 		"give the Listener a direct (or session-mode) connection to the pool's database on the primary")

@@ -110,7 +110,7 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 	return &Listener{
 		config:        config,
 		opts:          o,
-		log:           o.logger,
+		log:           o.logger.With("database", config.Database),
 		healthChannel: "jobwatch_health_" + hex.EncodeToString(id[:]),
 		ctx:           ctx,
 		cancel:        cancel,

@@ -98,6 +98,9 @@ func validate(step string, pool *pgxpool.Pool, tableName string, pollInterval ti
 	if err != nil {
 		return n, o, fmt.Errorf("jobwatch: %s %s: %w", step, tableName, err)
 	}
+	// Every line a watch or poller logs names its database, as the
+	// Listener's do.
+	o.logger = o.logger.With("database", pool.Config().ConnConfig.Database)
 	return n, o, nil
 }
 
@@ -347,12 +350,20 @@ func (p *Poller) poll(trailOnly bool) {
 		}
 		p.stats.pollErrors.Add(1)
 		p.stats.setError(fmt.Errorf("poll %s: %w", p.names.table.raw, err))
-		key := err.Error()
+		key, level := err.Error(), slog.LevelError
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) {
 			key = pgErr.Code + pgErr.Message
+			if pgErr.Code == sqlstateUndefinedTable {
+				// A table that is not there yet: a warning, said by the
+				// installer when there is one.
+				level = slog.LevelWarn
+				if p.installer != nil {
+					level = slog.LevelDebug
+				}
+			}
 		}
-		p.problems.report(slog.LevelError, key, "jobwatch: poll failed", "table", p.names.table.raw, "error", err)
+		p.problems.report(level, key, "jobwatch: poll failed", "table", p.names.table.raw, "error", err)
 		return
 	}
 	p.problems.clear("jobwatch: polling works again", "table", p.names.table.raw)

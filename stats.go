@@ -92,15 +92,22 @@ type counters struct {
 func newCounters(n names, wake chan<- Message, o options) *counters {
 	log := o.logger
 	table := n.table.raw
-	return &counters{
+	c := &counters{
 		wakeCh: wake,
 		drops: &dropReporter{
 			interval: o.dropLogInterval,
-			report: func(dropped uint64) {
-				log.Warn("jobwatch: wake channel full, wake-ups dropped", "table", table, "dropped", dropped)
+			report: func(dropped uint64, stuck time.Duration) {
+				if stuck > 0 {
+					log.Warn("jobwatch: wake channel full: nothing could be sent to it for a while; is its reader stuck?",
+						"table", table, "dropped", dropped, "for", stuck.Round(time.Millisecond))
+					return
+				}
+				log.Debug("jobwatch: wake channel full, wake-ups dropped (its reader is busy)", "table", table, "dropped", dropped)
 			},
 		},
 	}
+	c.drops.lastSent.Store(time.Now().UnixNano())
+	return c
 }
 
 func (c *counters) setError(err error) {

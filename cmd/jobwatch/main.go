@@ -2,9 +2,17 @@
 // SQL for a migration, diagnoses why workers are not woken, and shows a
 // table's notifications as they happen.
 //
-//	jobwatch sql TABLE [-gate=false] [-down]
-//	jobwatch doctor TABLE [-url URL] [-listener-url URL]
+//	jobwatch sql TABLE [-format plain|goose|migrate] [-gate=false] [-down]
+//	jobwatch doctor TABLE [-url URL] [-listener-url URL] [-json] [-timeout D]
 //	jobwatch tail TABLE [-url URL]
+//	jobwatch version
+//
+// Exit codes, as pg_isready's, for scripts: doctor exits 0 when every
+// check is OK, 1 when some only warn, 2 when one fails (workers are not
+// woken, or will not be), and 3 when it could not check (the server did
+// not answer, or -timeout passed first). sql, tail and version exit 0 on
+// success and 1 on an error (a table that does not exist, output that
+// could not be written). Bad arguments exit 64 (EX_USAGE).
 //
 // It connects like the library: the -url flag, else DATABASE_URL, else
 // pgx's defaults (PG* variables, the local socket, localhost:5432); a URL
@@ -21,7 +29,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime"
+	"runtime/debug"
 	"strings"
+	"sync"
 	"syscall"
 )
 
@@ -32,19 +43,25 @@ func main() {
 	os.Exit(code)
 }
 
-// Exit codes.
+// Exit codes (see the package comment).
 const (
 	exitOK      = 0
-	exitProblem = 1 // a check did not pass, or the server could not be used
-	exitUsage   = 2 // bad arguments
+	exitWarn    = 1 // doctor: some checks warn; the other commands: an error
+	exitFail    = 2 // doctor: a check fails
+	exitNoCheck = 3 // doctor: nothing could be checked
+	exitUsage   = 64
 )
+
+// exitError is the other commands' exit code for an error.
+const exitError = exitWarn
 
 const usage = `jobwatch: tools for jobwatch, the watch layer of a PostgreSQL job queue.
 
 Usage:
-  jobwatch sql TABLE [-down]            print the trigger SQL for a migration
+  jobwatch sql TABLE [flags]            print the trigger SQL for a migration
   jobwatch doctor TABLE [flags]         check why workers may not be woken
   jobwatch tail TABLE [flags]           print the table's notifications as they come
+  jobwatch version                      print the version
 
 Connection: -url, else DATABASE_URL, else pgx's defaults. Run
 "jobwatch COMMAND -h" for a command's flags.
@@ -57,13 +74,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return exitUsage
 	}
 	commands := map[string]func(context.Context, []string, io.Writer, io.Writer) int{
-		"sql":    sqlCommand,
-		"doctor": doctorCommand,
-		"tail":   tailCommand,
+		"sql":     sqlCommand,
+		"doctor":  doctorCommand,
+		"tail":    tailCommand,
+		"version": versionCommand,
 	}
 	name := args[0]
 	if cmd, ok := commands[name]; ok {
-		return cmd(ctx, args[1:], stdout, stderr)
+		out := &checkedWriter{w: stdout}
+		code := cmd(ctx, args[1:], out, stderr)
+		if out.err != nil {
+			fmt.Fprintf(stderr, "jobwatch %s: write the output: %v\n", name, out.err)
+			if code == exitOK || name != "doctor" {
+				code = exitError
+			}
+		}
+		return code
 	}
 	switch name {
 	case "-h", "-help", "--help", "help":
@@ -129,4 +155,58 @@ func fail(stderr io.Writer, command string, err error) {
 // of its own) into one.
 func oneLine(s string) string {
 	return strings.Join(strings.Fields(s), " ")
+}
+
+// checkedWriter keeps the first write error, so that a command whose
+// output went nowhere (a full disk, a closed pipe) does not exit 0.
+type checkedWriter struct {
+	w   io.Writer
+	mu  sync.Mutex
+	err error
+}
+
+func (c *checkedWriter) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.err != nil {
+		return 0, c.err
+	}
+	n, err := c.w.Write(p)
+	c.err = err
+	return n, err
+}
+
+// versionCommand prints the version this binary was built from: the
+// module's version when installed with go install ...@version, else the
+// commit of the checkout it was built in.
+func versionCommand(_ context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := newFlagSet("version", "", "Prints jobwatch's version, and the Go version it was built with.")
+	fs.SetOutput(stderr)
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK
+		}
+		return exitUsage
+	}
+	version := "(unknown)"
+	if info, ok := debug.ReadBuildInfo(); ok {
+		version = info.Main.Version
+		var rev, modified string
+		for _, s := range info.Settings {
+			switch s.Key {
+			case "vcs.revision":
+				rev = s.Value
+			case "vcs.modified":
+				modified = s.Value
+			}
+		}
+		if rev != "" && (version == "" || version == "(devel)") {
+			version = "devel " + rev
+			if modified == "true" {
+				version += " (modified)"
+			}
+		}
+	}
+	fmt.Fprintf(stdout, "jobwatch %s, %s %s/%s\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
+	return exitOK
 }

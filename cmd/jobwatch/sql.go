@@ -9,14 +9,19 @@ import (
 )
 
 // sqlCommand prints the script that installs (or, with -down, removes) a
-// table's notification triggers.
+// table's notification triggers, in the format of a migration tool.
 func sqlCommand(_ context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("sql", "TABLE [-gate=false] [-down]",
+	fs := newFlagSet("sql", "TABLE [-format plain|goose|migrate] [-gate=false] [-down]",
 		"Prints the SQL that installs the notification triggers of TABLE, exactly as\n"+
-			"jobwatch.CreateNotificationTriggerSQL returns it: one statement, idempotent,\n"+
-			"ready for goose, golang-migrate, Atlas or psql. Run it as the table's owner.")
+			"jobwatch.CreateNotificationTriggerSQL returns it: idempotent, one statement. Run\n"+
+			"it as the table's owner (or a superuser). Formats:\n"+
+			"  plain    the statement, for psql or golang-migrate (one file up, one -down)\n"+
+			"  migrate  the same: golang-migrate runs a file as one multi-statement script\n"+
+			"  goose    one goose file, up and down, each statement between StatementBegin\n"+
+			"           and StatementEnd (goose cannot split a DO block itself)")
+	format := fs.String("format", "plain", "plain, migrate or goose")
 	gate := fs.Bool("gate", true, "install the triggers with the notify gate (jobwatch.WithNotifyGate); -gate=false: every transaction notifies")
-	down := fs.Bool("down", false, "print the SQL that removes them instead, for a down migration")
+	down := fs.Bool("down", false, "print the SQL that removes them instead, for a down migration (plain and migrate)")
 	table, code := parse(fs, args, stderr)
 	if code >= 0 {
 		return code
@@ -25,11 +30,24 @@ func sqlCommand(_ context.Context, args []string, stdout, stderr io.Writer) int 
 		fail(stderr, "sql", err)
 		return exitUsage
 	}
-	switch {
-	case *down:
-		fmt.Fprint(stdout, jobwatch.DropNotificationTriggerSQL(table))
+	up := jobwatch.CreateNotificationTriggerSQLWith(table, jobwatch.WithNotifyGate(*gate)) + ";\n"
+	drop := jobwatch.DropNotificationTriggerSQL(table) + ";\n"
+	switch *format {
+	case "plain", "migrate":
+		if *down {
+			up = drop
+		}
+		fmt.Fprint(stdout, up)
+	case "goose":
+		if *down {
+			fmt.Fprintln(stderr, "jobwatch sql: -format goose prints the up and the down migration in one file: leave out -down")
+			return exitUsage
+		}
+		fmt.Fprint(stdout, "-- +goose Up\n-- +goose StatementBegin\n"+up+"-- +goose StatementEnd\n\n"+
+			"-- +goose Down\n-- +goose StatementBegin\n"+drop+"-- +goose StatementEnd\n")
 	default:
-		fmt.Fprintln(stdout, jobwatch.CreateNotificationTriggerSQLWith(table, jobwatch.WithNotifyGate(*gate))+";")
+		fmt.Fprintf(stderr, "jobwatch sql: -format %q: want plain, migrate or goose\n", *format)
+		return exitUsage
 	}
 	return exitOK
 }

@@ -9,6 +9,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/jobwatch-go/jobwatch"
 )
 
@@ -27,6 +28,22 @@ func tailCommand(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		fail(stderr, "tail", err)
 		return exitUsage
 	}
+	// The table first: listening to a table that is not there would
+	// print nothing, for ever.
+	pool, err := pgxpool.New(ctx, connString(*url))
+	if err != nil {
+		fail(stderr, "tail", err)
+		return exitUsage
+	}
+	healthy, err := jobwatch.NotificationTriggersHealthy(ctx, pool, table)
+	pool.Close()
+	switch {
+	case err != nil:
+		fail(stderr, "tail", err)
+		return exitError
+	case !healthy:
+		fmt.Fprintf(stderr, "jobwatch tail: the notification triggers of %s are not in place: nothing notifies until they are (jobwatch doctor %s says why)\n", table, table)
+	}
 	// Until it is connected a failure is this command's to report, once.
 	var connected atomic.Bool
 	logger := slog.New(afterConnect{&connected, slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})})
@@ -44,11 +61,11 @@ func tailCommand(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		fmt.Fprintf(stdout, "%s  %-12q %s\n", time.Now().UTC().Format("2006-01-02T15:04:05.000Z"), n.Payload, jobwatch.ParsePayload(n.Payload))
 	}); err != nil {
 		fail(stderr, "tail", err)
-		return exitProblem
+		return exitError
 	}
 	if s := l.Stats(); !s.Connected {
 		fail(stderr, "tail", fmt.Errorf("cannot listen: %w", s.LastError))
-		return exitProblem
+		return exitError
 	}
 	connected.Store(true)
 	mu.Lock()

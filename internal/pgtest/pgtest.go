@@ -15,6 +15,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"regexp"
 	"strings"
 	"sync"
 	"time"
@@ -170,16 +171,30 @@ func WithDatabase(connString, name string) (string, error) {
 	return WithParam(connString, "dbname", name)
 }
 
-// Redact hides a password in a URL for messages.
+// Redact hides a password in a connection string, a URL or a key=value
+// DSN, for messages.
 func Redact(connString string) string {
-	if u, err := url.Parse(connString); err == nil && u.User != nil {
-		if _, ok := u.User.Password(); ok {
-			u.User = url.UserPassword(u.User.Username(), "xxxxx")
-			return u.String()
+	if !isURL(connString) {
+		return dsnPassword.ReplaceAllString(connString, "${1}xxxxx")
+	}
+	if u, err := url.Parse(connString); err == nil {
+		if u.User != nil {
+			if _, ok := u.User.Password(); ok {
+				u.User = url.UserPassword(u.User.Username(), "xxxxx")
+			}
 		}
+		q := u.Query()
+		if q.Has("password") {
+			q.Set("password", "xxxxx")
+			u.RawQuery = q.Encode()
+		}
+		return u.String()
 	}
 	return connString
 }
+
+// dsnPassword matches a password setting of a key=value DSN, quoted or not.
+var dsnPassword = regexp.MustCompile(`(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)`)
 
 // findServer tries each source in turn and returns the first that works,
 // or one error that says what was tried.
