@@ -11,8 +11,9 @@
 //     (pg_config --bindir, /usr/lib/postgresql/*/bin or PATH): initdb into a
 //     temporary directory, started on a free port with fsync off, shared by
 //     every test of the process and removed by Main when they end;
-//  4. a PostgreSQL container started with testcontainers-go when a Docker
-//     engine answers.
+//  4. a PostgreSQL container, when a program imports
+//     github.com/jobwatch-go/jobwatch/jobwatchtest/container (a module of its
+//     own, with testcontainers-go) and a Docker engine answers.
 //
 // When none works the test fails with a message listing what was tried and
 // how to fix it; it never skips.
@@ -22,8 +23,10 @@
 //
 //	func TestMain(m *testing.M) { jobwatchtest.Main(m) }
 //
-// It is a module of its own, so that programs importing jobwatch do not
-// depend on testcontainers-go.
+// It is part of jobwatch's module, with no dependency beyond pgx, so that
+// its version is always the library's; the container source is the
+// separate module above, so that programs importing jobwatch never depend
+// on testcontainers-go.
 package jobwatchtest
 
 import (
@@ -45,7 +48,23 @@ const EnvVar = pgtest.EnvVar
 // rather than fall back to another, which proves a source works.
 const SourceEnvVar = pgtest.SourceEnvVar
 
-func init() { pgtest.Container = startContainer }
+// UseContainer makes start the last source tried: a function that starts
+// a PostgreSQL server (a container) and returns its connection string and
+// a function that removes it, which Main (or Stop) calls. The container
+// module calls it when imported; call it yourself to start a server your
+// own way.
+func UseContainer(start func(ctx context.Context) (connString string, stop func(), err error)) {
+	pgtest.Container = func() (string, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		u, stop, err := start(ctx)
+		if err != nil {
+			return "", err
+		}
+		pgtest.RegisterStop(stop)
+		return u, nil
+	}
+}
 
 // Main runs the tests of m and then stops whatever server this package
 // started (an ephemeral cluster or a container), and exits with the tests'

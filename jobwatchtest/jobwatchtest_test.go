@@ -86,11 +86,18 @@ func TestWithParam(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The same server in each form a connection string takes, password
+	// included (a container's server wants one).
 	host := cfg.Host
 	dsn := fmt.Sprintf("host=%s port=%d user=%s dbname=%s", host, cfg.Port, cfg.User, dbName)
-	plainURL := fmt.Sprintf("postgres://%s@%s/%s", cfg.User, net.JoinHostPort(host, strconv.Itoa(int(cfg.Port))), dbName)
+	user := url.User(cfg.User)
+	if cfg.Password != "" {
+		dsn += " password='" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(cfg.Password) + "'"
+		user = url.UserPassword(cfg.User, cfg.Password)
+	}
+	plainURL := fmt.Sprintf("postgres://%s@%s/%s", user, net.JoinHostPort(host, strconv.Itoa(int(cfg.Port))), dbName)
 	if strings.HasPrefix(host, "/") {
-		plainURL = fmt.Sprintf("postgres://%s@/%s?host=%s&port=%d", cfg.User, dbName, url.QueryEscape(host), cfg.Port)
+		plainURL = fmt.Sprintf("postgres://%s@/%s?host=%s&port=%d", user, dbName, url.QueryEscape(host), cfg.Port)
 	}
 	for name, base := range map[string]string{
 		"url without query": plainURL,

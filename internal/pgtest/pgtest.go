@@ -31,8 +31,9 @@ const EnvVar = "TEST_DATABASE_URL"
 // fail rather than fall back to another, which proves a source works.
 const SourceEnvVar = "JOBWATCHTEST_SOURCE"
 
-// Container, when set (by jobwatchtest), starts a PostgreSQL container and
-// returns its connection string; it is the last source tried.
+// Container, when set (jobwatchtest.UseContainer sets it), starts a
+// PostgreSQL server and returns its connection string; it is the last
+// source tried.
 var Container func() (string, error)
 
 var (
@@ -229,7 +230,7 @@ func findServer() (string, error) {
 	}
 	if use("container") {
 		if Container == nil {
-			tried = append(tried, "a testcontainers-go PostgreSQL container: only jobwatchtest starts one")
+			tried = append(tried, "a PostgreSQL container: import github.com/jobwatch-go/jobwatch/jobwatchtest/container to start one")
 		} else if u, err := Container(); err == nil {
 			return u, nil
 		} else {

@@ -1,12 +1,12 @@
-module github.com/jobwatch-go/jobwatch/jobwatchtest
+module github.com/jobwatch-go/jobwatch/jobwatchtest/container
 
 go 1.26.0
 
 require (
 	github.com/jackc/pgx/v5 v5.12.0
-	github.com/jobwatch-go/jobwatch v0.0.0-00010101000000-000000000000
+	github.com/jobwatch-go/jobwatch v0.1.0
+	github.com/moby/moby/api v1.56.1
 	github.com/testcontainers/testcontainers-go v0.45.0
-	github.com/testcontainers/testcontainers-go/modules/postgres v0.45.0
 )
 
 require (
@@ -37,7 +37,6 @@ require (
 	github.com/magiconair/properties v1.18.12 // indirect
 	github.com/moby/docker-image-spec v1.3.1 // indirect
 	github.com/moby/go-archive v0.3.3 // indirect
-	github.com/moby/moby/api v1.56.1 // indirect
 	github.com/moby/moby/client v0.6.2 // indirect
 	github.com/moby/patternmatcher v0.6.1 // indirect
 	github.com/moby/sys/sequential v0.7.0 // indirect
@@ -65,5 +64,5 @@ require (
 	golang.org/x/text v0.43.0 // indirect
 )
 
-// The library lives in the parent directory; a user's go.mod ignores this.
-replace github.com/jobwatch-go/jobwatch => ../
+// The library lives two directories up; a user's go.mod ignores this.
+replace github.com/jobwatch-go/jobwatch => ../..
