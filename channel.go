@@ -68,9 +68,10 @@ func (d *dropReporter) dropped(n uint64) {
 	d.report(count, stuck)
 }
 
-// wake sends n JobAvailable without blocking; those the channel has no
-// room for are dropped, counted and logged (see dropReporter).
-func (c *counters) wake(n int64) {
+// wake sends n JobAvailable without blocking, for cause; those the
+// channel has no room for are dropped, counted and logged (see
+// dropReporter).
+func (c *counters) wake(n int64, cause wakeCause) {
 	var sent, dropped uint64
 	for range n {
 		if trySend(c.wakeCh, JobAvailable) {
@@ -82,6 +83,7 @@ func (c *counters) wake(n int64) {
 	}
 	if sent > 0 {
 		c.sent.Add(sent)
+		c.causes[cause].Add(sent)
 		c.drops.lastSent.Store(time.Now().UnixNano())
 	}
 	if dropped > 0 {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"sync"
 	"time"
 
@@ -181,14 +182,16 @@ type probeTarget interface {
 
 // deliveryCheck is the check for one Listener and pool.
 type deliveryCheck struct {
-	target           probeTarget
-	pool             *pgxpool.Pool
-	group            *poolGroup
-	interval, wait   time.Duration
-	probes, lostOnes func() // count probes sent and lost
-	cancel           context.CancelFunc
-	done             chan struct{}
-	nudges           chan struct{} // buffered(1): the Listener lost its connection
+	target         probeTarget
+	pool           *pgxpool.Pool
+	group          *poolGroup
+	interval, wait time.Duration
+	probes         func(queueUsage float64) // a probe sent, and the queue usage it read
+	arrived        func(roundTrip time.Duration)
+	lostOnes       func()
+	cancel         context.CancelFunc
+	done           chan struct{}
+	nudges         chan struct{} // buffered(1): the Listener lost its connection
 }
 
 func startDeliveryCheck(ctx context.Context, l *Listener, g *poolGroup) *deliveryCheck {
@@ -196,7 +199,12 @@ func startDeliveryCheck(ctx context.Context, l *Listener, g *poolGroup) *deliver
 	c := &deliveryCheck{
 		target: l, pool: g.pool, group: g,
 		interval: l.opts.deliveryInterval, wait: l.opts.deliveryTimeout,
-		probes:   func() { l.stats.probes.Add(1); l.stats.queries.Add(1) },
+		probes: func(usage float64) {
+			l.stats.probes.Add(1)
+			l.stats.queries.Add(1)
+			l.stats.queueUsage.Store(math.Float64bits(usage))
+		},
+		arrived:  func(d time.Duration) { l.stats.roundTrip.Store(int64(d)) },
 		lostOnes: func() { l.stats.probesLost.Add(1) },
 		cancel:   cancel, done: make(chan struct{}), nudges: make(chan struct{}, 1),
 	}
@@ -307,9 +315,12 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	defer c.target.forgetProbe(token)
 
 	sendCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.wait)
-	_, err := c.pool.Exec(sendCtx, "SELECT pg_notify($1, $2)", c.target.probeChannel(), probePrefix+token)
+	sent := time.Now()
+	var usage float64
+	err := c.pool.QueryRow(sendCtx, "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
+		c.target.probeChannel(), probePrefix+token).Scan(&usage)
 	cancel()
-	c.probes()
+	c.probes(usage)
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == sqlstateReadOnly {
@@ -321,6 +332,7 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	defer wait.Stop()
 	select {
 	case <-arrived:
+		c.arrived(time.Since(sent))
 		return probeArrived, ""
 	case <-ctx.Done():
 		return probeInconclusive, ""

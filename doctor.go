@@ -308,7 +308,8 @@ func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
 			"point the Listener at the primary, directly or through a session-mode pool")
 		return
 	}
-	c := &deliveryCheck{target: l, pool: d.pool, wait: l.opts.deliveryTimeout, probes: func() {}, lostOnes: func() {}}
+	c := &deliveryCheck{target: l, pool: d.pool, wait: l.opts.deliveryTimeout,
+		probes: func(float64) {}, arrived: func(time.Duration) {}, lostOnes: func() {}}
 	cause := "nothing arrived"
 	for range 2 {
 		start := time.Now()

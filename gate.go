@@ -128,7 +128,7 @@ func (p *Poller) gateChecked(open bool, skips int64, readable bool) {
 	p.mu.Lock()
 	poll := p.gateSeenLocked(open, skips, readable)
 	if poll {
-		p.sched.pollNow = true
+		p.sched.gateNow = true
 	}
 	p.mu.Unlock()
 	p.signal()

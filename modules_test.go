@@ -58,8 +58,9 @@ func TestNestedModules(t *testing.T) {
 // under the module's real path; a fresh module outside this repository
 // requires the library and the container module at v0.1.0, builds, runs a
 // jobwatchtest test, and installs the command, whose version says v0.1.0.
-// Other modules come from this machine's module cache, and a module cache
-// of the test's own keeps the scratch v0.1.0 out of the real one.
+// Other modules come from this machine's module cache (else its GOPROXY),
+// and a module cache of the test's own keeps the scratch v0.1.0 out of the
+// real one.
 func TestReleasedModules(t *testing.T) {
 	t.Parallel()
 	root, err := os.Getwd()
@@ -114,7 +115,8 @@ func TestReleasedModules(t *testing.T) {
 		require.NoError(t, os.WriteFile(filepath.Join(consumer, name), []byte(src), 0o644))
 	}
 	cache := strings.TrimSpace(run(root, nil, "go", "env", "GOMODCACHE"))
-	env := append(git, "GOPRIVATE=github.com/jobwatch-go", "GOPROXY=file://"+filepath.Join(cache, "cache", "download"),
+	proxy := strings.TrimSpace(run(root, nil, "go", "env", "GOPROXY"))
+	env := append(git, "GOPRIVATE=github.com/jobwatch-go", "GOPROXY=file://"+filepath.Join(cache, "cache", "download")+","+proxy,
 		"GOSUMDB=off", "GOFLAGS=-mod=mod", "GOMODCACHE="+filepath.Join(tmp, "modcache"), "GOBIN="+filepath.Join(tmp, "bin"))
 	get := []string{"get", "github.com/jobwatch-go/jobwatch@v0.1.0"}
 	for _, m := range nested {

@@ -271,10 +271,10 @@ func (p *Poller) run() {
 		p.mu.Unlock()
 		if reconnects > 0 {
 			// One wake-up: the worker fetches whatever it missed.
-			p.stats.wake(1)
+			p.stats.wake(1, causeReconnect)
 		}
 		if st.poll {
-			p.poll(st.trailOnly)
+			p.poll(st.trailOnly, st.cause)
 			if p.stopped() {
 				return
 			}
@@ -323,7 +323,7 @@ func (p *Poller) jitter() time.Duration {
 // only by a gated notification) wakes no one unless a transaction skipped
 // since the last look: the notification already woke workers for its own
 // jobs.
-func (p *Poller) poll(trailOnly bool) {
+func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 	var count int64
 	var next *float64
 	var server float64
@@ -380,8 +380,11 @@ func (p *Poller) poll(trailOnly bool) {
 	p.mu.Unlock()
 	// Never more than the channel has room for: a woken worker fetches
 	// until nothing is due, so wake-ups beyond that would only be dropped.
+	if trailOnly && skipped {
+		cause = causeGate
+	}
 	if !trailOnly || skipped {
-		p.stats.wake(min(count, p.stats.room()))
+		p.stats.wake(min(count, p.stats.room()), cause)
 	}
 	if next != nil {
 		p.scheduleIn(seconds(*next))

@@ -15,6 +15,7 @@ type schedule struct {
 	nextInterval time.Time // the next interval poll; zero: at once
 	lastInterval time.Time // when the last one ran; zero before the first
 	pollNow      bool
+	gateNow      bool      // a poll now, called for by the notify gate's check
 	scheduled    time.Time // the earliest known future job is due; zero if none
 	trailAt      time.Time // a poll behind the notify gate; zero if none
 }
@@ -24,6 +25,7 @@ type step struct {
 	poll      bool      // poll now
 	interval  bool      // it is the interval's poll (the repair check follows it)
 	trailOnly bool      // called for only behind the gate: it wakes workers only for what skipped
+	cause     wakeCause // for a poll: what its wake-ups count as
 	wakeAt    time.Time // when to step again, unless the schedule changes sooner
 }
 
@@ -39,10 +41,18 @@ func (s *schedule) step(now time.Time, fallback time.Duration) step {
 	reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
 	var st step
 	st.interval = !now.Before(s.nextInterval)
-	st.poll = s.pollNow || st.interval || reached(s.scheduled) || reached(s.trailAt)
-	st.trailOnly = reached(s.trailAt) && !s.pollNow && !st.interval && !reached(s.scheduled)
+	st.poll = s.pollNow || s.gateNow || st.interval || reached(s.scheduled) || reached(s.trailAt)
+	st.trailOnly = reached(s.trailAt) && !s.pollNow && !s.gateNow && !st.interval && !reached(s.scheduled)
 	if st.poll {
-		s.pollNow = false
+		switch {
+		case s.pollNow || st.interval:
+			st.cause = causePoll
+		case reached(s.scheduled):
+			st.cause = causeScheduled
+		default:
+			st.cause = causeGate
+		}
+		s.pollNow, s.gateNow = false, false
 		for _, t := range []*time.Time{&s.scheduled, &s.trailAt} {
 			if reached(*t) {
 				*t = time.Time{}

@@ -22,7 +22,7 @@ func TestScheduleStep(t *testing.T) {
 		want     step
 	}{
 		{"first step polls at once", func(*schedule) {}, t0, 0,
-			step{poll: true, interval: true, wakeAt: at(time.Minute + 2*time.Second)}},
+			step{poll: true, interval: true, cause: causePoll, wakeAt: at(time.Minute + 2*time.Second)}},
 		{"between intervals: wait for the next", func(s *schedule) { s.nextInterval = at(time.Minute) }, at(time.Second), 0,
 			step{wakeAt: at(time.Minute)}},
 		{"a job due later wakes sooner", func(s *schedule) {
@@ -30,20 +30,22 @@ func TestScheduleStep(t *testing.T) {
 		}, at(time.Second), 0, step{wakeAt: at(10 * time.Second)}},
 		{"the job's moment comes: poll, not an interval poll", func(s *schedule) {
 			s.nextInterval, s.scheduled = at(time.Minute), at(10*time.Second)
-		}, at(10 * time.Second), 0, step{poll: true, wakeAt: at(time.Minute)}},
+		}, at(10 * time.Second), 0, step{poll: true, cause: causeScheduled, wakeAt: at(time.Minute)}},
 		{"asked for now", func(s *schedule) { s.nextInterval, s.pollNow = at(time.Minute), true }, at(time.Second), 0,
-			step{poll: true, wakeAt: at(time.Minute)}},
+			step{poll: true, cause: causePoll, wakeAt: at(time.Minute)}},
+		{"called for by the gate's check", func(s *schedule) { s.nextInterval, s.gateNow = at(time.Minute), true }, at(time.Second), 0,
+			step{poll: true, cause: causeGate, wakeAt: at(time.Minute)}},
 		{"behind the gate only: trailing", func(s *schedule) { s.nextInterval, s.trailAt = at(time.Minute), at(5*time.Millisecond) },
-			at(5 * time.Millisecond), 0, step{poll: true, trailOnly: true, wakeAt: at(time.Minute)}},
+			at(5 * time.Millisecond), 0, step{poll: true, trailOnly: true, cause: causeGate, wakeAt: at(time.Minute)}},
 		{"behind the gate and asked for: a full poll", func(s *schedule) {
 			s.nextInterval, s.trailAt, s.pollNow = at(time.Minute), at(5*time.Millisecond), true
-		}, at(5 * time.Millisecond), 0, step{poll: true, wakeAt: at(time.Minute)}},
+		}, at(5 * time.Millisecond), 0, step{poll: true, cause: causePoll, wakeAt: at(time.Minute)}},
 		{"degraded: the fallback shortens the wait from the last interval poll", func(s *schedule) {
 			s.lastInterval, s.nextInterval = t0, at(time.Minute)
 		}, at(100 * time.Millisecond), time.Second, step{wakeAt: at(time.Second)}},
 		{"degraded: polls every fallback, no jitter", func(s *schedule) {
 			s.lastInterval, s.nextInterval = t0, at(time.Second)
-		}, at(time.Second), time.Second, step{poll: true, interval: true, wakeAt: at(2 * time.Second)}},
+		}, at(time.Second), time.Second, step{poll: true, interval: true, cause: causePoll, wakeAt: at(2 * time.Second)}},
 		{"a fallback longer than the interval changes nothing", func(s *schedule) {
 			s.lastInterval, s.nextInterval = t0, at(time.Minute)
 		}, at(time.Second), time.Hour, step{wakeAt: at(time.Minute)}},

@@ -1,6 +1,7 @@
 package jobwatch
 
 import (
+	"math"
 	"sync/atomic"
 	"time"
 )
@@ -10,6 +11,7 @@ import (
 type Stats struct {
 	Notifications  uint64        // notifications received on the table's channel
 	WakeupsSent    uint64        // JobAvailable messages put on the wake channel
+	Wakeups        Wakeups       // the same, by what called for them
 	WakeupsDropped uint64        // JobAvailable messages dropped because the channel was full
 	Polls          uint64        // polls run
 	PollErrors     uint64        // polls that failed
@@ -31,6 +33,27 @@ type Stats struct {
 	NotificationsChangedAt time.Time // when NotificationsWorking last changed (or the watch started)
 }
 
+// Wakeups counts JobAvailable messages sent, by what called for them.
+type Wakeups struct {
+	Notification uint64 // a notification on the table's channel
+	Poll         uint64 // a poll at the interval (or the fallback interval), or one asked for ("poll", an install)
+	Scheduled    uint64 // a poll at the moment a job scheduled for later became due
+	Gate         uint64 // a poll behind the notify gate: transactions skipped their NOTIFY
+	Reconnect    uint64 // the Listener reconnected: notifications sent meanwhile are lost
+}
+
+// wakeCause says what called for a wake-up, an index into counters.causes.
+type wakeCause int
+
+const (
+	causeNotification wakeCause = iota
+	causePoll
+	causeScheduled
+	causeGate
+	causeReconnect
+	numCauses
+)
+
 // ListenerStats is a snapshot of a Listener's counters, for metrics.
 type ListenerStats struct {
 	Connected     bool      // a connection is up and listening
@@ -45,6 +68,13 @@ type ListenerStats struct {
 	// that did not arrive while the connection was up.
 	DeliveryProbes     uint64
 	DeliveryProbesLost uint64
+	// DeliveryRoundTrip is how long the last probe that arrived took, from
+	// its NOTIFY through the pool to the Listener.
+	DeliveryRoundTrip time.Duration
+	// NotifyQueueUsage is the share of the server's notification queue in
+	// use (pg_notification_queue_usage()) when the last probe was sent: a
+	// full queue makes every NOTIFY, so every INSERT of a job, fail.
+	NotifyQueueUsage float64
 	// Queries counts every query the Listener sent, over its own
 	// connection (the health check) and through the watches' pools (the
 	// delivery check, and the notify gate's check of every table it
@@ -59,6 +89,8 @@ type listenerCounters struct {
 	probes        atomic.Uint64
 	probesLost    atomic.Uint64
 	queries       atomic.Uint64
+	roundTrip     atomic.Int64  // nanoseconds
+	queueUsage    atomic.Uint64 // float64 bits
 }
 
 func (c *listenerCounters) snapshot() ListenerStats {
@@ -67,6 +99,8 @@ func (c *listenerCounters) snapshot() ListenerStats {
 		DeliveryProbes:     c.probes.Load(),
 		DeliveryProbesLost: c.probesLost.Load(),
 		Queries:            c.queries.Load(),
+		DeliveryRoundTrip:  time.Duration(c.roundTrip.Load()),
+		NotifyQueueUsage:   math.Float64frombits(c.queueUsage.Load()),
 	}
 }
 
@@ -80,6 +114,7 @@ type counters struct {
 	wakeCh        chan<- Message
 	notifications atomic.Uint64
 	sent          atomic.Uint64
+	causes        [numCauses]atomic.Uint64
 	polls         atomic.Uint64
 	pollErrors    atomic.Uint64
 	pollNanos     atomic.Int64
@@ -124,6 +159,13 @@ func (c *counters) snapshot() Stats {
 		PollTime:       time.Duration(c.pollNanos.Load()),
 		TriggerRepairs: c.repairs.Load(),
 		Queries:        c.queries.Load(),
+		Wakeups: Wakeups{
+			Notification: c.causes[causeNotification].Load(),
+			Poll:         c.causes[causePoll].Load(),
+			Scheduled:    c.causes[causeScheduled].Load(),
+			Gate:         c.causes[causeGate].Load(),
+			Reconnect:    c.causes[causeReconnect].Load(),
+		},
 	}
 	if e := c.lastErr.Load(); e != nil {
 		s.LastError, s.LastErrorAt = e.err, e.at

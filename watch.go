@@ -161,7 +161,7 @@ func (w *Watch) notified(msg Notification) {
 		// n due jobs need no more wake-ups than the channel has room for:
 		// a woken worker fetches until none is due. One that cannot be
 		// delivered counts as dropped.
-		w.stats.wake(max(min(p.Due, w.stats.room()), 1))
+		w.stats.wake(max(min(p.Due, w.stats.room()), 1), causeNotification)
 	}
 }
 
@@ -203,6 +203,9 @@ func (w *Watch) Close() error {
 	<-w.done
 	return nil
 }
+
+// Table returns the table name the watch was started with, as given.
+func (w *Watch) Table() string { return w.poller.names.table.raw }
 
 // Done returns a channel that is closed once the watch has stopped: after
 // Close, or after its context was cancelled and it has unsubscribed and

@@ -376,3 +376,28 @@ func TestStartCloseKeepsPoolConnections(t *testing.T) {
 	}
 	assert.LessOrEqual(t, pool.Stat().NewConnsCount(), int64(4), "connections opened")
 }
+
+// TestWakeupCauses: Stats counts each wake-up by what called for it.
+func TestWakeupCauses(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES") // before the watch: its first poll finds it
+	w, ch, _ := d.watch(t, opt, watchSetup{noTable: true, listener: testListener(t, d.with(t, "application_name", "jobwatch_causes"), opt)})
+	eventually(t, "the first poll's wake-up", func() bool { return w.Stats().Wakeups.Poll >= 1 })
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	waitWake(t, ch, "notification")
+	eventually(t, "counted", func() bool { return w.Stats().Wakeups.Notification >= 1 })
+	d.exec(t, "INSERT INTO jobs (run_at) VALUES (now() + interval '200 milliseconds')")
+	eventually(t, "the scheduled job's moment", func() bool { return w.Stats().Wakeups.Scheduled >= 1 })
+	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_causes'")
+	eventually(t, "the catch-up after the reconnect", func() bool { return w.Stats().Wakeups.Reconnect >= 1 })
+	tx, _ := holder(t, d)
+	d.exec(t, "INSERT INTO jobs DEFAULT VALUES") // skips behind the holder
+	eventually(t, "found behind the gate", func() bool { return w.Stats().Wakeups.Gate >= 1 })
+	require.NoError(t, tx.Rollback(ctxT(t)))
+	s := w.Stats()
+	assert.Equal(t, s.WakeupsSent, s.Wakeups.Notification+s.Wakeups.Poll+s.Wakeups.Scheduled+s.Wakeups.Gate+s.Wakeups.Reconnect)
+	drain(ch)
+}
