@@ -130,3 +130,28 @@ func TestReleasedModules(t *testing.T) {
 	// The module cache is read-only; let the test's cleanup remove it.
 	run(consumer, env, "go", "clean", "-modcache")
 }
+
+// TestREADMEUsageBuilds: the README's usage example is a whole program
+// that builds against this checkout, as it says.
+func TestREADMEUsageBuilds(t *testing.T) {
+	t.Parallel()
+	readme, err := os.ReadFile("README.md")
+	require.NoError(t, err)
+	_, usage, ok := strings.Cut(string(readme), "\n## Usage\n")
+	require.True(t, ok, "the README has a Usage section")
+	_, code, ok := strings.Cut(usage, "```go\n")
+	require.True(t, ok, "with a Go example")
+	code, _, ok = strings.Cut(code, "```")
+	require.True(t, ok)
+	root, err := os.Getwd()
+	require.NoError(t, err)
+	dir := t.TempDir()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "main.go"), []byte(code), 0o644))
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "go.mod"), []byte("module example.com/usage\n\ngo 1.25.0\n\n"+
+		"require github.com/jobwatch-go/jobwatch v0.1.0\n\nreplace github.com/jobwatch-go/jobwatch => "+root+"\n"), 0o644))
+	cmd := exec.Command("go", "build", "-o", os.DevNull, ".")
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), "GOFLAGS=-mod=mod")
+	out, err := cmd.CombinedOutput()
+	require.NoError(t, err, "the README's example:\n%s\n%s", code, out)
+}
