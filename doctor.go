@@ -214,18 +214,25 @@ func (d *diagnosis) triggers(ctx context.Context) bool {
 // privileges says whether the pool's role can install the triggers; that
 // it cannot is a failure only when they need installing.
 func (d *diagnosis) privileges(ctx context.Context, current bool) {
-	var owner, create bool
-	err := d.pool.QueryRow(ctx, `SELECT pg_has_role(c.relowner, 'USAGE'), has_schema_privilege(c.relnamespace, 'CREATE')
-		FROM pg_class c WHERE c.oid = `+d.tableExpr()).Scan(&owner, &create)
+	// As the install script does it: a superuser may; the owner, or a
+	// member of the owning role, needs CREATE on the schema, and when it
+	// is not the owner, so does the owner it hands the objects to.
+	var can bool
+	err := d.pool.QueryRow(ctx, `SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+		OR (pg_has_role(c.relowner, 'USAGE') AND has_schema_privilege(c.relnamespace, 'CREATE')
+		    AND (c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user)
+		         OR has_schema_privilege(c.relowner, c.relnamespace, 'CREATE')))
+		FROM pg_class c WHERE c.oid = `+d.tableExpr()).Scan(&can)
 	switch {
 	case err != nil:
 		d.failed("privileges", "cannot read the catalog: ", err, "")
-	case owner && create:
+	case can:
 		d.add("privileges", StatusOK, "this role can install and repair the triggers", "")
 	case current:
 		d.add("privileges", StatusOK, "this role cannot install the triggers, and need not: they are installed (by a migration)", "")
 	default:
-		d.add("privileges", StatusFail, "this role cannot install the triggers (it must own the table and may create functions in its schema)", d.installFix())
+		d.add("privileges", StatusFail, "this role cannot install the triggers (it must be a superuser, or own the table or be a member of its owner, "+
+			"with CREATE on its schema)", d.installFix())
 	}
 }
 

@@ -23,8 +23,8 @@ import (
 // waiting, and otherwise notifies. While transactions skip, a watch polls
 // gateTrail after each gated notification, reading the gate with its
 // count; each Listener
-// checks, every gateCheckEvery, the gate of every table whose watch has
-// not looked meanwhile, in one query per pool. When the counter moved, or
+// checks, every gateCheckEvery, the gate of every table its watches
+// follow, in one query per pool. When the counter moved, or
 // a skipper seen open has ended, the watch polls; while one is open it
 // looks again, 5ms later, then backing off to gateCheckEvery. So a skipped
 // job is woken within gateCheckEvery of its commit whatever the key's
@@ -64,7 +64,7 @@ const gateCheckSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock(a.key) THEN pg_a
 // How a watch follows the notify gate: it polls gateTrail after a gated
 // notification, and again after gateTrail doubling to gateCheckEvery while
 // a skipper is open; every gateCheckEvery its Listener checks the skip
-// counter for it, unless it has looked meanwhile.
+// counter for it.
 const (
 	gateTrail      = 5 * time.Millisecond
 	gateCheckEvery = 500 * time.Millisecond
@@ -80,7 +80,6 @@ type gateState struct {
 	skips     int64     // the counter then
 	open      bool      // a skipper was open then
 	blind     bool      // this role may not read the counter
-	lookedAt  time.Time // the last check or poll
 	skippedAt time.Time // the last look that saw the counter move or a skipper open
 	trail     backoff
 }
@@ -112,14 +111,6 @@ func (p *Poller) gateSoon() {
 	if changed {
 		p.signal()
 	}
-}
-
-// gateDue reports whether the Listener's periodic check should look at
-// this poller's gate: it follows one and has not looked for a while.
-func (p *Poller) gateDue(now time.Time) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	return p.gate.on && now.Sub(p.gate.lookedAt) >= gateCheckEvery-gateTrail
 }
 
 // gateChecked takes the Listener's periodic check of this poller's gate,
@@ -158,7 +149,7 @@ func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) bool {
 	if poll || open {
 		g.skippedAt = now
 	}
-	g.checked, g.skips, g.open, g.lookedAt = true, skips, open, now
+	g.checked, g.skips, g.open = true, skips, open
 	if open {
 		earlier(&p.sched.trailAt, time.Now().Add(g.trail.delay()))
 	} else {
@@ -168,9 +159,10 @@ func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) bool {
 }
 
 // gateCheck is a Listener's periodic look at the gates of the tables its
-// watches of one pool follow: one query for all of them, every
-// gateCheckEvery, and none for a table whose watch has looked meanwhile
-// (under load, its trailing polls do) or when no watch follows a gate.
+// watches of one pool follow: one query for all of them every
+// gateCheckEvery, none when no watch follows a gate. Every table is looked
+// at each time, whatever its watch's own polls saw meanwhile, so that no
+// skip waits longer than gateCheckEvery and a query.
 type gateCheck struct {
 	group   *poolGroup
 	queries func() // counts one query
@@ -208,12 +200,11 @@ func (c *gateCheck) run(ctx context.Context) {
 
 // check looks at the gate of every due watch of the group at once.
 func (c *gateCheck) check(ctx context.Context) {
-	now := time.Now()
 	var due []*Poller
 	var keys []int64
 	var tables, counters []string
 	for _, w := range c.group.members() {
-		if p := w.poller; p.gateDue(now) {
+		if p := w.poller; p.followsGate() {
 			due = append(due, p)
 			keys = append(keys, p.names.skipKey)
 			tables = append(tables, p.names.table.quoted())
