@@ -132,24 +132,26 @@ func (g *poolGroup) state() (bool, time.Time) {
 }
 
 // set records whether notifications arrive and, on a change, logs it once
-// and has every watch's poller plan again.
+// and has every watch's poller plan again. The line is logged first, so
+// that whoever sees the new state finds it logged; the watches are told
+// after the state is stored, and each reads it when it plans, so that a
+// watch joining meanwhile cannot keep the old one.
 func (g *poolGroup) set(working bool, cause string) {
+	if working {
+		g.problems.clear("jobwatch: notifications arrive again; polling at the normal interval")
+	} else {
+		g.problems.report(slog.LevelError, cause,
+			"jobwatch: notifications do not reach the Listener: jobs are found by polling every fallback interval until they do",
+			"cause", cause, "fallback_poll", fallbackOf(g.members()))
+	}
 	g.mu.Lock()
 	changed := g.working != working
 	if changed {
 		g.working, g.changedAt = working, time.Now()
 	}
 	g.mu.Unlock()
-	watches := g.members()
-	if working {
-		g.problems.clear("jobwatch: notifications arrive again; polling at the normal interval")
-	} else {
-		g.problems.report(slog.LevelError, cause,
-			"jobwatch: notifications do not reach the Listener: jobs are found by polling every fallback interval until they do",
-			"cause", cause, "fallback_poll", fallbackOf(watches))
-	}
 	if changed {
-		for _, w := range watches {
+		for _, w := range g.members() {
 			w.poller.signal()
 		}
 	}
@@ -186,7 +188,7 @@ type deliveryCheck struct {
 	pool           *pgxpool.Pool
 	group          *poolGroup
 	interval, wait time.Duration
-	probes         func(queueUsage float64) // a probe sent, and the queue usage it read
+	probes         func(sent bool, queueUsage float64) // a probe tried; when sent, the queue usage it read
 	arrived        func(roundTrip time.Duration)
 	lostOnes       func()
 	cancel         context.CancelFunc
@@ -199,10 +201,12 @@ func startDeliveryCheck(ctx context.Context, l *Listener, g *poolGroup) *deliver
 	c := &deliveryCheck{
 		target: l, pool: g.pool, group: g,
 		interval: l.opts.deliveryInterval, wait: l.opts.deliveryTimeout,
-		probes: func(usage float64) {
+		probes: func(sent bool, usage float64) {
 			l.stats.probes.Add(1)
 			l.stats.queries.Add(1)
-			l.stats.queueUsage.Store(math.Float64bits(usage))
+			if sent {
+				l.stats.queueUsage.Store(math.Float64bits(usage))
+			}
 		},
 		arrived:  func(d time.Duration) { l.stats.roundTrip.Store(int64(d)) },
 		lostOnes: func() { l.stats.probesLost.Add(1) },
@@ -320,7 +324,7 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	err := c.pool.QueryRow(sendCtx, "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
 		c.target.probeChannel(), probePrefix+token).Scan(&usage)
 	cancel()
-	c.probes(usage)
+	c.probes(err == nil, usage)
 	if err != nil {
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == sqlstateReadOnly {

@@ -17,14 +17,17 @@
 // jobwatch_notify_<table> (see CreateNotificationTriggerSQL).
 //
 // Where each concern lives: names.go reads table names, derives the
-// names of channels, functions and triggers, and quotes what goes into
-// SQL; schema.go holds the job
-// table's SQL facts; triggers.go builds the install script, gate.go the
-// notify gate's part of it, and install.go runs it and keeps it installed;
-// payload.go is the format of notifications; listener.go,
-// listener_conn.go and subscription.go make the Listener, delivery.go its
-// end-to-end check; poll.go is the Poller, watch.go ties them together;
-// channel.go puts messages on the caller's channel; doctor.go is
-// Diagnose; problems.go turns lasting problems into few log lines;
-// stats.go, options.go and errors.go are what their names say.
+// names of channels, functions, triggers and lock keys, and quotes what
+// goes into SQL; schema.go holds the job table's SQL facts; triggers.sql
+// is the install script, the function bodies and the one query that says
+// what is installed, which triggers.go renders and install.go runs and
+// keeps installed; gate.go is the notify gate's watching side; payload.go
+// is the format of notifications; listener.go, listener_conn.go (the
+// connection loop, the one writer of its state) and subscription.go make
+// the Listener, delivery.go its end-to-end check and the per-pool state
+// it keeps for the watches; schedule.go decides when a poller polls and
+// poll.go runs it; watch.go ties them together; channel.go puts messages
+// on the caller's channel; doctor.go is Diagnose; problems.go turns
+// lasting problems into few log lines; stats.go, options.go and errors.go
+// are what their names say.
 package jobwatch

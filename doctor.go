@@ -316,7 +316,7 @@ func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
 		return
 	}
 	c := &deliveryCheck{target: l, pool: d.pool, wait: l.opts.deliveryTimeout,
-		probes: func(float64) {}, arrived: func(time.Duration) {}, lostOnes: func() {}}
+		probes: func(bool, float64) {}, arrived: func(time.Duration) {}, lostOnes: func() {}}
 	cause := "nothing arrived"
 	for range 2 {
 		start := time.Now()
