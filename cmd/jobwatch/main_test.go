@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"maps"
+	"os"
 	"slices"
 	"strconv"
 	"strings"
@@ -20,7 +21,19 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-func TestMain(m *testing.M) { pgtest.Main(m) }
+func TestMain(m *testing.M) { pgtest.Main(removeTools{m}) }
+
+// removeTools removes the migration tools the tests built (see tool) once
+// they have run.
+type removeTools struct{ *testing.M }
+
+func (r removeTools) Run() int {
+	code := r.M.Run()
+	if toolsDir != "" {
+		_ = os.RemoveAll(toolsDir)
+	}
+	return code
+}
 
 // database creates a fresh database for t.
 func database(t *testing.T) (string, *pgxpool.Pool) {
