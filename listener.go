@@ -125,7 +125,8 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 
 // Start connects the Listener, if it has not started yet, and waits for
 // its first connection attempt, at most until ctx ends. It returns nil
-// when the Listener is connected and listening, and otherwise the error
+// when the Listener is connected and listening and its OnReconnect
+// callbacks have run on that connection, and otherwise the error
 // of its last attempt: one that cannot connect, or whose LISTEN the server
 // refuses (a standby), says why. Either way the Listener goes on trying
 // in the background until Close. Start after Close returns
@@ -155,9 +156,11 @@ func (l *Listener) start(ctx context.Context) error {
 	for {
 		st, changed := l.connection()
 		switch {
-		case st.up:
+		case st.ready:
 			return nil
-		case st.tried:
+		case st.tried && !st.up && st.err != nil:
+			// A connection lost while its callbacks ran has its error
+			// stored just after it is marked down: wait for it.
 			return st.err
 		}
 		select {

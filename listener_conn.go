@@ -42,6 +42,7 @@ const (
 type connState struct {
 	gen    uint64         // successful connects so far: each one is a new generation
 	up     bool           // connected and listening
+	ready  bool           // up, and the OnReconnect callbacks have run on this connection
 	tried  bool           // the first attempt is over
 	server serverIdentity // what the connection said of its server at connect
 	err    error          // the last connection error; nil if none
@@ -127,6 +128,7 @@ func (l *Listener) session() (served bool, f failure) {
 	}
 	defer l.hangUp(conn)
 	l.runCallbacks(conn)
+	l.setState(func(s *connState) { s.ready = true })
 	return true, failure{err: l.serve(conn, listening), reachable: true}
 }
 
@@ -177,7 +179,7 @@ func explainListenError(err error) error {
 // hangUp ends a connection: subscriptions wait for the next connect, and
 // Subscribe calls waiting for a LISTEN return (it is issued on connect).
 func (l *Listener) hangUp(conn *pgx.Conn) {
-	l.setState(func(s *connState) { s.up = false })
+	l.setState(func(s *connState) { s.up, s.ready = false, false })
 	l.mu.Lock()
 	l.interrupt = nil
 	groups := make([]*poolGroup, 0, len(l.groups))

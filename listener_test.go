@@ -215,6 +215,36 @@ func TestListenerDetectsBlackHole(t *testing.T) {
 // TestListenerStart: Start connects and returns nil once listening; for a
 // server that refuses it returns the error of the attempt, and it gives
 // up waiting when its context ends, the Listener retrying meanwhile.
+// TestListenerStartWaitsForCallbacks: Start, and so the first Subscribe,
+// returns once the OnReconnect callbacks have run on the first connection
+// (a watch re-installs its triggers there), not as soon as it connects.
+func TestListenerStartWaitsForCallbacks(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	l := testListener(t, d.url, opt)
+	entered, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	l.OnReconnect(func(ctx context.Context, _ *pgx.Conn) error {
+		once.Do(func() { close(entered) })
+		select {
+		case <-release:
+		case <-ctx.Done():
+		}
+		return nil
+	})
+	ctx, cancel := context.WithTimeout(ctxT(t), 300*time.Millisecond)
+	defer cancel()
+	go func() {
+		<-entered
+		<-ctx.Done()
+		close(release)
+	}()
+	require.ErrorIs(t, l.Start(ctx), context.DeadlineExceeded, "the callback had not returned")
+	require.NoError(t, l.Start(ctxT(t)), "it has returned")
+	assert.True(t, l.Stats().Connected)
+}
+
 func TestListenerStart(t *testing.T) {
 	t.Parallel()
 	d := newDB(t)
