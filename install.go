@@ -337,7 +337,7 @@ func (i *installer) check(ctx context.Context, bodies bool) bool {
 				"Fix: drop it (its owner could change what every INSERT runs), then the watch installs them",
 			"table", table, "error", err)
 	case errors.Is(err, ErrTriggersBusy):
-		i.problems.report(slog.LevelInfo, "busy", "jobwatch: notification triggers not installed now (a lock is held), retrying",
+		i.problems.passing(slog.LevelInfo, "busy", "jobwatch: notification triggers not installed now (a lock is held), retrying",
 			"table", table, "error", err)
 	default:
 		i.stats.setError(err)

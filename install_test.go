@@ -150,6 +150,45 @@ func TestLeastPrivilegeWorker(t *testing.T) {
 	eventually(t, "notified again", func() bool { return w.Stats().Notifications > notified })
 }
 
+// TestWorkerWithoutRightsTakesNoLock: a worker role that may not install
+// the triggers stops before it takes a lock, so a writer holding the
+// table, or another installer, never turns its one clear ERROR into
+// "busy" lines and repeats of the ERROR. It used to lock the table
+// (NOWAIT) and only then fail on CREATE TRIGGER: with a transaction open
+// on the table it said "a lock is held" at every attempt, and never why
+// it could not install.
+func TestWorkerWithoutRightsTakesNoLock(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	lg, opt := newLogs(t)
+	d.jobTable(t, "jobs")
+	worker := role(t, d)
+	d.exec(t, "GRANT SELECT, INSERT, UPDATE ON jobs TO "+worker)
+	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
+	d.exec(t, "DROP TRIGGER did_insert_job_jobs ON jobs")
+	pool := poolAs(t, d, worker)
+
+	// A producer's transaction stays open on the table.
+	writer, err := d.pool.Begin(ctxT(t))
+	require.NoError(t, err)
+	defer func() { _ = writer.Rollback(context.Background()) }()
+	_, err = writer.Exec(ctxT(t), "INSERT INTO jobs DEFAULT VALUES")
+	require.NoError(t, err)
+
+	err = jobwatch.EnsureNotificationTriggers(ctxT(t), pool, "jobs", opt)
+	require.ErrorIs(t, err, jobwatch.ErrPermissionDenied)
+	assert.Contains(t, err.Error(), "may not install the notification triggers")
+
+	w, _, _ := d.watch(t, opt, watchSetup{interval: 50 * time.Millisecond, pool: pool, noTable: true,
+		opts: []jobwatch.Option{jobwatch.WithJitter(0), jobwatch.WithInstallBackoff(20*time.Millisecond, 40*time.Millisecond)}})
+	eventually(t, "the worker says why", func() bool { return lg.count("this role may not") > 0 })
+	polls := w.Stats().Polls
+	eventually(t, "many install attempts later", func() bool { return w.Stats().Polls > polls+10 })
+	assert.Equal(t, 1, lg.count("this role may not"), "said once")
+	assert.Zero(t, lg.count("a lock is held"))
+	assert.ErrorIs(t, w.Stats().LastError, jobwatch.ErrPermissionDenied)
+}
+
 // ihpScript is IHP's createNotificationTriggerSQL (IHP/Job/Queue/Watch.hs),
 // as an IHP worker runs it at start.
 func ihpScript(table string) string {

@@ -43,6 +43,21 @@ func (p *problemLog) report(level slog.Level, key, msg string, attrs ...any) boo
 	return true
 }
 
+// passing records a brief condition (a lock held for a moment) as report
+// does, unless another problem stands: that one is not replaced, and the
+// passing one is logged at debug level only, so that the standing problem
+// is not said again when it comes back.
+func (p *problemLog) passing(level slog.Level, key, msg string, attrs ...any) {
+	p.mu.Lock()
+	standing := p.key != "" && p.key != key
+	p.mu.Unlock()
+	if standing {
+		p.log.Debug(msg, attrs...)
+		return
+	}
+	p.report(level, key, msg, attrs...)
+}
+
 // clear ends the current problem, logging msg at info level when there was
 // one.
 func (p *problemLog) clear(msg string, attrs ...any) {

@@ -253,6 +253,12 @@ BEGIN
             PERFORM pg_catalog.set_config('lock_timeout', caller_lock_timeout, true);
             RETURN;
         END IF;
+        -- Installing needs the owner's rights (a superuser has them): a
+        -- role without them stops here, before it takes any lock.
+        IF NOT pg_catalog.pg_has_role(st.owner, 'USAGE') THEN
+            RAISE EXCEPTION 'jobwatch: role % may not install the notification triggers of %: run this as the table''s owner % (or a member of it, or a superuser)',
+                current_user, {{lit .Raw}}, st.owner USING ERRCODE = '42501';
+        END IF;
         EXIT WHEN locked;
         PERFORM pg_catalog.set_config('lock_timeout', '1s', true);
         BEGIN

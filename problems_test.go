@@ -1,0 +1,43 @@
+package jobwatch
+
+import (
+	"bytes"
+	"log/slog"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestProblemLogPassing: a brief condition (a lock held for a moment)
+// between two occurrences of a standing problem is logged at debug level
+// only, and the standing problem is not said again; with nothing standing
+// it is logged like any problem, and a real change of problem is said.
+func TestProblemLogPassing(t *testing.T) {
+	var buf bytes.Buffer
+	p := &problemLog{
+		log:    slog.New(slog.NewTextHandler(&buf, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		remind: time.Hour,
+	}
+	lines := func(s string) int { return strings.Count(buf.String(), s) }
+
+	p.report(slog.LevelError, "permission", "may not")
+	p.passing(slog.LevelInfo, "busy", "lock held")
+	p.report(slog.LevelError, "permission", "may not")
+	if n := lines("level=ERROR msg=\"may not\""); n != 1 {
+		t.Errorf("the standing problem was said %d times, want 1:\n%s", n, buf.String())
+	}
+	if n := lines("level=DEBUG msg=\"lock held\""); n != 1 {
+		t.Errorf("the passing condition at debug: %d lines, want 1:\n%s", n, buf.String())
+	}
+
+	p.clear("fixed")
+	p.passing(slog.LevelInfo, "busy", "lock held")
+	p.passing(slog.LevelInfo, "busy", "lock held")
+	if n := lines("level=INFO msg=\"lock held\""); n != 1 {
+		t.Errorf("with nothing standing, the passing condition is said once: %d lines:\n%s", n, buf.String())
+	}
+	p.report(slog.LevelError, "permission", "may not")
+	if n := lines("level=ERROR msg=\"may not\""); n != 2 {
+		t.Errorf("a new problem after a cleared one is said: %d lines, want 2:\n%s", n, buf.String())
+	}
+}
