@@ -70,14 +70,18 @@ func TestCollector(t *testing.T) {
 		`jobwatch_notifications_working{table="jobs"} 1`,
 		`jobwatch_wakeups_total{cause="notification",table="jobs"} 1`,
 		`jobwatch_poll_interval_seconds{table="jobs"} 3600`,
-		"jobwatch_notify_queue_usage_ratio 0",
+		"jobwatch_notify_queue_usage_ratio ",
 	} {
 		if !strings.Contains(page, want) {
 			t.Errorf("the scrape lacks %q:\n%s", want, page)
 		}
 	}
-	if got := counterValue(t, reg, "jobwatch_delivery_probes_total"); got < 2 {
+	if got := metricValue(t, reg, "jobwatch_delivery_probes_total"); got < 2 {
 		t.Errorf("delivery probes %v, want at least 2", got)
+	}
+	// The queue is the server's: other sessions' notifications are in it.
+	if got := metricValue(t, reg, "jobwatch_notify_queue_usage_ratio"); got < 0 || got >= 0.5 {
+		t.Errorf("notification queue usage %v, want a fraction well below 0.5", got)
 	}
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(`
 # HELP jobwatch_notifications_total Notifications on the table's channel.
@@ -91,8 +95,9 @@ jobwatch_notifications_total{table="jobs"} 1
 	}
 }
 
-// counterValue gathers g and returns the value of the counter name.
-func counterValue(t *testing.T, g prometheus.Gatherer, name string) float64 {
+// metricValue gathers g and returns the value of name, a counter or a
+// gauge with one series.
+func metricValue(t *testing.T, g prometheus.Gatherer, name string) float64 {
 	t.Helper()
 	fams, err := g.Gather()
 	if err != nil {
@@ -100,7 +105,11 @@ func counterValue(t *testing.T, g prometheus.Gatherer, name string) float64 {
 	}
 	for _, f := range fams {
 		if f.GetName() == name && len(f.GetMetric()) == 1 {
-			return f.GetMetric()[0].GetCounter().GetValue()
+			m := f.GetMetric()[0]
+			if m.GetGauge() != nil {
+				return m.GetGauge().GetValue()
+			}
+			return m.GetCounter().GetValue()
 		}
 	}
 	t.Fatalf("no metric %s", name)
