@@ -80,7 +80,7 @@ func (d db) with(t *testing.T, key, value string) string {
 func (d db) backends(t *testing.T, app string) int {
 	t.Helper()
 	var n int
-	if err := d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1", app).Scan(&n); err != nil {
+	if err := d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND datname = current_database()", app).Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	return n

@@ -121,7 +121,7 @@ func TestLeastPrivilegeWorker(t *testing.T) {
 	waitWake(t, ch, "worker role, healthy triggers")
 
 	reconnects := l.Stats().Reconnects
-	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_lp_listener'")
+	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_lp_listener' AND datname = current_database()")
 	eventually(t, "reconnected", func() bool { return l.Stats().Reconnects > reconnects && l.Stats().Connected })
 	polls := w.Stats().Polls
 	eventually(t, "polls after the reconnect", func() bool { return w.Stats().Polls > polls+2 })
@@ -345,7 +345,7 @@ func TestUnrepairableTriggersPollFaster(t *testing.T) {
 	require.Equal(t, time.Hour, w.Stats().PollInterval)
 
 	d.exec(t, "DROP TRIGGER did_insert_job_jobs ON jobs")
-	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_unrepairable'")
+	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_unrepairable' AND datname = current_database()")
 	eventually(t, "polling at the fallback interval", func() bool { return w.Stats().PollInterval == time.Second })
 	drain(ch)
 	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")

@@ -140,7 +140,7 @@ func TestListenerReconnects(t *testing.T) {
 	assert.EqualValues(t, 1, callbacks.Load(), "callbacks run after the first connect")
 
 	for round := 1; round <= 2; round++ {
-		d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_reconnect'")
+		d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_reconnect' AND datname = current_database()")
 		eventually(t, "reconnected", func() bool { return l.Stats().Reconnects == uint64(round) && callbacks.Load() == int64(round+1) })
 		notify(t, d, "r", strconv.Itoa(round))
 		eventually(t, "delivered after reconnect", func() bool { return c.len() == round })

@@ -391,7 +391,7 @@ func TestWakeupCauses(t *testing.T) {
 	eventually(t, "counted", func() bool { return w.Stats().Wakeups.Notification >= 1 })
 	d.exec(t, "INSERT INTO jobs (run_at) VALUES (now() + interval '200 milliseconds')")
 	eventually(t, "the scheduled job's moment", func() bool { return w.Stats().Wakeups.Scheduled >= 1 })
-	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_causes'")
+	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_causes' AND datname = current_database()")
 	eventually(t, "the catch-up after the reconnect", func() bool { return w.Stats().Wakeups.Reconnect >= 1 })
 	tx, _ := holder(t, d)
 	d.exec(t, "INSERT INTO jobs DEFAULT VALUES") // skips behind the holder
