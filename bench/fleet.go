@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -24,15 +26,18 @@ import (
 // three connections, on a scratch cluster of its own (a fleet needs more
 // connections than a default server allows).
 const (
-	fleetTables = 10
-	fleetRate   = 200 // jobs a second, spread over the tables, while measured under load
+	fleetTables    = 10
+	fleetRate      = 50 // jobs a second, spread over the tables, while measured under load
+	fleetInserters = 4  // connections inserting them
 )
 
 // fleet measures, for the whole fleet: the queries it sends while idle,
 // the fetch queries per job and the commit-to-fetch latency under a
 // steady insert rate; each with the gate on and off, next to one process
-// doing the same (its floor); and one process's idle queries watching 1
-// and 20 tables.
+// doing the same (its floor); the same fleet with all processes but one
+// listening only (woken, never fetching), which says what of the fleet's
+// latency is the herd's fetches and what is waking every process; and one
+// process's idle queries watching 1 and 20 tables.
 func (b *bench) fleet() error {
 	procs := samples(32, 8)
 	dir, err := os.MkdirTemp("", "jobwatch-bench-fleet")
@@ -61,9 +66,19 @@ func (b *bench) fleet() error {
 		fetchesPerJ  float64
 		p50, p99     time.Duration
 		jobs         int
+		rate         float64 // jobs inserted a second: at most fleetRate, less when the machine is busy
 		notification uint64
 	}
-	measure := func(n, tables int, gate bool, load bool) (result, error) {
+	// fleetCase is what one measurement runs: procs processes watching
+	// tables tables, the first listening of them only listening (they
+	// take the wake-ups and never fetch: the herd-free control); idle
+	// and load say what is measured.
+	type fleetCase struct {
+		procs, tables, listening int
+		gate, idle, load         bool
+	}
+	measure := func(c fleetCase) (result, error) {
+		n, tables, gate, load, listening := c.procs, c.tables, c.gate, c.load, c.listening
 		var r result
 		names := make([]string, tables)
 		for i := range names {
@@ -75,7 +90,7 @@ func (b *bench) fleet() error {
 				return r, err
 			}
 		}
-		f, err := startFleet(bin, url, n, names, gate)
+		f, err := startFleet(bin, url, n, names, gate, listening)
 		if err != nil {
 			return r, err
 		}
@@ -85,33 +100,48 @@ func (b *bench) fleet() error {
 		if err != nil {
 			return r, err
 		}
-		idle := time.Duration(samples(10, 3)) * time.Second
-		time.Sleep(idle)
-		after, err := f.snapshot()
-		if err != nil {
-			return r, err
+		after := before
+		if c.idle {
+			idle := time.Duration(samples(10, 3)) * time.Second
+			time.Sleep(idle)
+			if after, err = f.snapshot(); err != nil {
+				return r, err
+			}
+			r.idle = float64(after.queries()-before.queries()) / idle.Seconds()
 		}
-		r.idle = float64(after.queries()-before.queries()) / idle.Seconds()
 		if !load {
 			return r, nil
 		}
+		// fleetInserters connections insert on a fixed schedule, each
+		// catching up when an INSERT took longer than its turn, so that
+		// every configuration is measured at the same rate.
 		start := time.Now()
-		dur := time.Duration(samples(10, 3)) * time.Second
-		conn, err := admin.Acquire(b.ctx)
-		if err != nil {
+		deadline := start.Add(time.Duration(samples(10, 3)) * time.Second)
+		var inserted atomic.Int64
+		errs := make([]error, fleetInserters)
+		var wg sync.WaitGroup
+		for k := range fleetInserters {
+			wg.Go(func() {
+				for i := k; ; i += fleetInserters {
+					at := start.Add(time.Duration(i) * time.Second / fleetRate)
+					if !at.Before(deadline) {
+						return
+					}
+					time.Sleep(time.Until(at))
+					if _, err := admin.Exec(b.ctx, "INSERT INTO "+names[rand.N(len(names))]+" DEFAULT VALUES"); err != nil {
+						errs[k] = err
+						return
+					}
+					inserted.Add(1)
+				}
+			})
+		}
+		wg.Wait()
+		if err := errors.Join(errs...); err != nil {
 			return r, err
 		}
-		tick := time.NewTicker(time.Second / fleetRate)
-		for deadline := start.Add(dur); time.Now().Before(deadline); <-tick.C {
-			if _, err := conn.Exec(b.ctx, "INSERT INTO "+names[rand.N(len(names))]+" DEFAULT VALUES"); err != nil {
-				tick.Stop()
-				conn.Release()
-				return r, err
-			}
-			r.jobs++
-		}
-		tick.Stop()
-		conn.Release()
+		r.jobs = int(inserted.Load())
+		r.rate = float64(r.jobs) / time.Since(start).Seconds()
 		union := make([]string, len(names))
 		for i, t := range names {
 			union[i] = "SELECT status::text, extract(epoch FROM locked_at - created_at)::float8 AS lat FROM " + t
@@ -148,27 +178,42 @@ func (b *bench) fleet() error {
 		return r, rows.Err()
 	}
 
-	one, err := measure(1, fleetTables, true, true)
+	one, err := measure(fleetCase{procs: 1, tables: fleetTables, gate: true, idle: true, load: true})
 	if err != nil {
 		return err
 	}
-	on, err := measure(procs, fleetTables, true, true)
+	on, err := measure(fleetCase{procs: procs, tables: fleetTables, gate: true, idle: true, load: true})
 	if err != nil {
 		return err
 	}
-	oneOff, err := measure(1, fleetTables, false, true)
+	oneOff, err := measure(fleetCase{procs: 1, tables: fleetTables, load: true})
 	if err != nil {
 		return err
 	}
-	off, err := measure(procs, fleetTables, false, true)
+	off, err := measure(fleetCase{procs: procs, tables: fleetTables, idle: true, load: true})
 	if err != nil {
 		return err
 	}
-	t1, err := measure(1, 1, true, false)
+	// The herd's share: the whole fleet fetching, against the same fleet
+	// with all processes but one listening only, interleaved, since one
+	// run of each moves with the machine's noise.
+	var all, quiet []result
+	for range samples(3, 1) {
+		a, err := measure(fleetCase{procs: procs, tables: fleetTables, gate: true, load: true})
+		if err != nil {
+			return err
+		}
+		q, err := measure(fleetCase{procs: procs, tables: fleetTables, gate: true, load: true, listening: procs - 1})
+		if err != nil {
+			return err
+		}
+		all, quiet = append(all, a), append(quiet, q)
+	}
+	t1, err := measure(fleetCase{procs: 1, tables: 1, gate: true, idle: true})
 	if err != nil {
 		return err
 	}
-	t20, err := measure(1, 20, true, false)
+	t20, err := measure(fleetCase{procs: 1, tables: 20, gate: true, idle: true})
 	if err != nil {
 		return err
 	}
@@ -182,13 +227,35 @@ func (b *bench) fleet() error {
 		gate      string
 		fleet, pr result
 	}{{"on", on, one}, {"off", off, oneOff}} {
-		b.report(row{fmt.Sprintf("%s, %d jobs/s for %d jobs, the gate %s: fetch queries per job (the herd)", fleet, fleetRate, c.fleet.jobs, c.gate),
+		b.report(row{fmt.Sprintf("%s, %d jobs at %.0f/s (%d inserters aiming at %d/s), the gate %s: fetch queries per job (the herd)", fleet, c.fleet.jobs, c.fleet.rate, fleetInserters, fleetRate, c.gate),
 			fmt.Sprintf("%.1f", c.fleet.fetchesPerJ), fmt.Sprintf("%.1f (one process)", c.pr.fetchesPerJ),
 			ratio(c.fleet.fetchesPerJ, c.pr.fetchesPerJ), ""})
 		b.report(row{fmt.Sprintf("same, commit to fetch p50 / p99 (server clock, %d notifications)", c.fleet.notification),
 			ms(c.fleet.p50) + " / " + ms(c.fleet.p99), ms(c.pr.p50) + " / " + ms(c.pr.p99) + " (one process)",
 			ratio(float64(c.fleet.p99), float64(c.pr.p99)), ""})
 	}
+	med := func(rs []result, p func(result) time.Duration) time.Duration {
+		d := make([]time.Duration, len(rs))
+		for i, r := range rs {
+			d[i] = p(r)
+		}
+		return percentile(d, 50)
+	}
+	p50 := func(r result) time.Duration { return r.p50 }
+	p99 := func(r result) time.Duration { return r.p99 }
+	fetches := func(rs []result) float64 {
+		sum := 0.0
+		for _, r := range rs {
+			sum += r.fetchesPerJ
+		}
+		return sum / float64(len(rs))
+	}
+	b.report(row{fmt.Sprintf("%s, the gate on, %d of them listening only (woken, never fetching), %d runs interleaved with the whole fleet fetching: fetch queries per job", fleet, procs-1, len(all)),
+		fmt.Sprintf("%.1f", fetches(quiet)), fmt.Sprintf("%.1f (all %d fetching)", fetches(all), procs),
+		ratio(fetches(quiet), fetches(all)), ""})
+	b.report(row{"same, commit to fetch p50 / p99, median of the runs",
+		ms(med(quiet, p50)) + " / " + ms(med(quiet, p99)), ms(med(all, p50)) + " / " + ms(med(all, p99)) + fmt.Sprintf(" (all %d fetching)", procs),
+		ratio(float64(med(quiet, p99)), float64(med(all, p99))), ""})
 	return nil
 }
 
@@ -207,16 +274,18 @@ type fleetStats struct {
 
 func (s fleetStats) queries() uint64 { return s.ListenerQueries + s.WatchQueries }
 
-func startFleet(bin, url string, n int, tables []string, gate bool) (*fleetProcs, error) {
+// startFleet starts n runner processes watching tables, the first
+// listening of them with -listen-only.
+func startFleet(bin, url string, n int, tables []string, gate bool, listening int) (*fleetProcs, error) {
 	dsn, err := pgtest.WithParam(url, "pool_max_conns", "3")
 	if err != nil {
 		return nil, err
 	}
 	f := &fleetProcs{}
 	ready := make(chan struct{}, n*len(tables))
-	for range n {
+	for i := range n {
 		cmd := exec.Command(bin, "-table", strings.Join(tables, ","), "-concurrency", "2", "-poll", "1m",
-			"-job-duration", "0", "-fail-rate", "0", fmt.Sprintf("-gate=%v", gate))
+			"-job-duration", "0", "-fail-rate", "0", fmt.Sprintf("-gate=%v", gate), fmt.Sprintf("-listen-only=%v", i < listening))
 		cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {

@@ -58,6 +58,10 @@ type Live struct {
 // Watch returns the runner's watch, nil before it watches.
 func (l *Live) Watch() *jobwatch.Watch { return l.watch.Load() }
 
+// SetWatch records w as the watch whose counts l reports, for a process
+// that watches a table without a runner.
+func (l *Live) SetWatch(w *jobwatch.Watch) { l.watch.Store(w) }
+
 // Run watches the table and runs its jobs until ctx ends (or, with
 // ExitWhenIdle, nothing is left), then waits for the jobs it started and
 // their recording. It logs "worker started" once it watches the table.
@@ -81,7 +85,7 @@ func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c
 	if c.Live == nil {
 		c.Live = &Live{}
 	}
-	c.Live.watch.Store(watch)
+	c.Live.SetWatch(watch)
 
 	var workerID pgtype.UUID
 	_, _ = rand.Read(workerID.Bytes[:])

@@ -41,6 +41,7 @@ type config struct {
 	exitIdle     bool
 	syncCommit   string
 	gate         bool
+	listenOnly   bool
 }
 
 func main() {
@@ -56,6 +57,7 @@ func main() {
 	flag.IntVar(&c.enqueue, "enqueue", 0, "enqueue this many demo jobs to run now")
 	flag.IntVar(&c.enqueueLater, "enqueue-later", 0, "enqueue this many demo jobs scheduled 1 to 5 s ahead")
 	flag.StringVar(&c.syncCommit, "synchronous-commit", "on", "synchronous_commit for the worker's own bookkeeping (fetch, mark done); off trades a re-run of the last jobs after a server crash for fewer disk flushes")
+	flag.BoolVar(&c.listenOnly, "listen-only", false, "watch the tables and take the wake-ups, but never fetch a job (the fleet benchmark's herd-free control)")
 	flag.BoolVar(&c.exitIdle, "exit-when-idle", false, "exit once no job is pending, scheduled or running")
 	flag.Parse()
 	if err := c.validate(); err != nil {
@@ -140,6 +142,10 @@ func run(c config, logger *slog.Logger) error {
 	errs := make([]error, len(tables))
 	for i, t := range tables {
 		live[i] = &runner.Live{}
+		if c.listenOnly {
+			wg.Go(func() { errs[i] = listen(ctx, pool, listener, t, c, logger, live[i]) })
+			continue
+		}
 		wg.Go(func() {
 			counts, err := runner.Run(ctx, pool, listener, runner.Config{
 				Table: t, Concurrency: c.concurrency, PollInterval: c.pollInterval, StaleAfter: c.staleAfter,
@@ -155,6 +161,27 @@ func run(c config, logger *slog.Logger) error {
 	}
 	wg.Wait()
 	return errors.Join(errs...)
+}
+
+// listen watches table and takes its wake-ups without ever fetching, until
+// ctx ends: a process of the fleet that costs what listening costs.
+func listen(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, table string, c config, logger *slog.Logger, live *runner.Live) error {
+	wake := make(chan jobwatch.Message, c.concurrency)
+	watch, err := jobwatch.WatchForJob(ctx, pool, listener, table, c.pollInterval, wake,
+		jobwatch.WithLogger(logger), jobwatch.WithNotifyGate(c.gate))
+	if err != nil {
+		return err
+	}
+	defer watch.Close()
+	live.SetWatch(watch)
+	logger.Info("worker started", "table", table, "listen_only", true)
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-wake:
+		}
+	}
 }
 
 // printStats prints, on SIGUSR1, one JSON line on stdout with what the
