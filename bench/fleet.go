@@ -78,19 +78,18 @@ func (b *bench) fleet() error {
 		gate, idle, load         bool
 	}
 	measure := func(c fleetCase) (result, error) {
-		n, tables, gate, load, listening := c.procs, c.tables, c.gate, c.load, c.listening
 		var r result
-		names := make([]string, tables)
+		names := make([]string, c.tables)
 		for i := range names {
 			names[i] = fmt.Sprintf("fleet_%d", i)
 			if _, err := admin.Exec(b.ctx, "DROP TABLE IF EXISTS "+names[i]+"; "+jobwatch.CreateJobTableSQL(names[i])); err != nil {
 				return r, err
 			}
-			if _, err := admin.Exec(b.ctx, jobwatch.CreateNotificationTriggerSQLWith(names[i], jobwatch.WithNotifyGate(gate))); err != nil {
+			if _, err := admin.Exec(b.ctx, jobwatch.CreateNotificationTriggerSQLWith(names[i], jobwatch.WithNotifyGate(c.gate))); err != nil {
 				return r, err
 			}
 		}
-		f, err := startFleet(bin, url, n, names, gate, listening)
+		f, err := startFleet(bin, url, c.procs, names, c.gate, c.listening)
 		if err != nil {
 			return r, err
 		}
@@ -109,7 +108,7 @@ func (b *bench) fleet() error {
 			}
 			r.idle = float64(after.queries()-before.queries()) / idle.Seconds()
 		}
-		if !load {
+		if !c.load {
 			return r, nil
 		}
 		// fleetInserters connections insert on a fixed schedule, each
