@@ -2,6 +2,7 @@ package jobwatch
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -66,13 +67,24 @@ type Finding struct {
 // one wrapping ctx's error when ctx ends before every check ran (a probe
 // cut short proves nothing about the delivery). A server that cannot be
 // reached is a failed check, with its error in Finding.Err.
-func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, tableName string) ([]Finding, error) {
+//
+// With WithJobTable, the table check is that the server accepts the
+// description, and the triggers check fails when they were made for
+// another one; the index advice is IHP's table's only.
+func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, tableName string, opts ...Option) ([]Finding, error) {
 	n, err := deriveNames(tableName)
 	if err != nil {
 		return nil, fmt.Errorf("jobwatch: diagnose: %w", err)
 	}
 	if pool == nil {
 		return nil, fmt.Errorf("jobwatch: diagnose %s: %w", tableName, ErrNilPool)
+	}
+	o, err := buildOptions(scopeDiagnose, opts)
+	if err == nil {
+		n, err = n.describedAs(o.job)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("jobwatch: diagnose %s: %w", tableName, err)
 	}
 	l, err := NewListener(listenerConnString, WithLogger(slog.New(slog.DiscardHandler)),
 		WithHealthCheck(0, 0), WithDeliveryCheck(0, defaultDeliveryTimeout))
@@ -103,6 +115,7 @@ type diagnosis struct {
 	pool     *pgxpool.Pool
 	names    names
 	state    triggerState // read by table
+	desc     described    // read by table
 	findings []Finding
 }
 
@@ -147,9 +160,12 @@ func (d *diagnosis) server(ctx context.Context) bool {
 // the state of its triggers (as this version's gated triggers) for the
 // checks that follow.
 func (d *diagnosis) table(ctx context.Context) bool {
-	s, err := readTriggerState(ctx, d.pool, d.names, true)
-	d.state = s
 	raw := d.names.table.raw
+	if d.names.custom() {
+		return d.customTable(ctx)
+	}
+	s, err := readTriggerState(ctx, d.pool, d.names, true, described{})
+	d.state = s
 	switch {
 	case err != nil:
 		d.failed("table", "cannot read the catalog: ", err, "")
@@ -173,11 +189,46 @@ func (d *diagnosis) table(ctx context.Context) bool {
 	return true
 }
 
+// customTable is table for a JobTable other than IHP's: the server reads
+// it against the table.
+func (d *diagnosis) customTable(ctx context.Context) bool {
+	raw := d.names.table.raw
+	var sh shape
+	desc, err := sh.get(ctx, d.pool, d.names)
+	switch {
+	case errors.Is(err, ErrTableNotFound):
+		d.add("table", StatusFail, raw+" does not exist", "create it")
+		return false
+	case errors.Is(err, ErrInvalidJobTable):
+		d.add("table", StatusFail, "the job table description cannot be watched: "+err.Error(), "correct WithJobTable (jobwatch doctor's -pending, -run-at, -run-at-zone, -queue)")
+		return false
+	case err != nil:
+		d.failed("table", "cannot read the description against the table: ", err, "")
+		return false
+	}
+	d.desc = desc
+	s, err := readTriggerState(ctx, d.pool, d.names, true, desc)
+	d.state = s
+	if err != nil {
+		d.failed("table", "cannot read the catalog: ", err, "")
+		return false
+	}
+	d.add("table", StatusOK, fmt.Sprintf("%s is %s in schema %s, owned by %s, described as %s",
+		raw, map[bool]string{false: "a table", true: "a partitioned table"}[s.partitioned], s.schema, s.owner, desc.record), "")
+	return true
+}
+
 // triggers checks the triggers and reports whether they are current.
 func (d *diagnosis) triggers(ctx context.Context) bool {
 	s, gated := d.state, true
+	if s.conflicts(d.desc) {
+		d.add("triggers", StatusFail, "made for another job table description: "+s.installedDescription()+
+			"; this one is "+descriptionOf(d.names, d.desc)+": watches with this description poll instead of being notified",
+			"give every process the same WithJobTable, and run the migration for it (jobwatch sql TABLE with the description)")
+		return false
+	}
 	if s.stale {
-		if g, err := readTriggerState(ctx, d.pool, d.names, false); err == nil && !g.stale {
+		if g, err := readTriggerState(ctx, d.pool, d.names, false, d.desc); err == nil && !g.stale {
 			s, gated = g, false
 		}
 	}
@@ -237,6 +288,10 @@ func (d *diagnosis) privileges(ctx context.Context, current bool) {
 }
 
 func (d *diagnosis) index(ctx context.Context) {
+	if d.names.custom() {
+		d.add("index", StatusOK, "not checked: the advice is for IHP's table; for this one, a partial index on its due column WHERE its Pending condition serves polls and fetches", "")
+		return
+	}
 	var found bool
 	err := d.pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = `+d.tableExpr()+`
 		AND pg_get_expr(i.indpred, i.indrelid) LIKE '%job_status_not_started%'
@@ -259,10 +314,20 @@ func (d *diagnosis) jobs(ctx context.Context) {
 	var due, later, never int64
 	var oldest *float64
 	t := d.names.table.quoted()
-	err := d.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE run_at <= now()),
+	var err error
+	if d.names.custom() {
+		t = d.desc.table
+		e := jobExprs(d.names.job)
+		err = queryPinned(ctx, d.pool, `SELECT count(*) FILTER (WHERE `+e.dueNow+`), count(*) FILTER (WHERE `+e.dueLater+`),
+		count(*) FILTER (WHERE `+e.dueAt+` = 'infinity'),
+		extract(epoch FROM now() - min(`+e.dueAt+`) FILTER (WHERE `+e.dueAt+` <= now() AND `+e.dueAt+` > '-infinity'))::float8
+		FROM `+t+` j WHERE `+d.desc.pred, nil, []any{&due, &later, &never, &oldest})
+	} else {
+		err = d.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE run_at <= now()),
 		count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity'), count(*) FILTER (WHERE run_at = 'infinity'),
 		extract(epoch FROM now() - min(run_at) FILTER (WHERE run_at <= now() AND run_at > '-infinity'))::float8
 		FROM `+t+` WHERE `+pendingIndexPredicate).Scan(&due, &later, &never, &oldest)
+	}
 	if err != nil {
 		d.failed("jobs", "cannot count them: ", err, "")
 		return

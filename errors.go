@@ -75,6 +75,14 @@ var (
 	// Its owner could change what every INSERT runs, so jobwatch does not
 	// use it: drop it, then install again.
 	ErrNameTaken = errors.New("name taken by another role's object")
+	// ErrInvalidJobTable is returned by the watch, poll and trigger
+	// functions and Diagnose for a JobTable (WithJobTable) that cannot be
+	// watched: Pending that is not a condition PostgreSQL accepts as a
+	// partial index predicate over the table's own columns, or that could
+	// end the statement it is written into; a RunAt or Queue column that
+	// is missing or of the wrong type; an unknown RunAtTimeZone. The
+	// message names the reason. Nothing is installed.
+	ErrInvalidJobTable = errors.New("invalid job table description")
 )
 
 // Errors of the Listener.
@@ -95,4 +103,6 @@ const (
 	sqlstateDuplicateObject  = "42710"
 	sqlstateReadOnly         = "25006" // read_only_sql_transaction: a standby
 	sqlstateInvalidName      = "42602"
+	// invalid_object_definition: a JobTable the install script refuses.
+	sqlstateInvalidDescription = "42P17"
 )

@@ -56,6 +56,37 @@ func ExampleWatchForJob() {
 	// Output: JobAvailable
 }
 
+// A table of your own, here gue's: every row waits until it is deleted,
+// due at run_at, routed by queue.
+func ExampleWithJobTable() {
+	dsn, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+	if _, err := pool.Exec(ctx, `CREATE TABLE gue_jobs (job_id bigserial PRIMARY KEY,
+		run_at timestamptz NOT NULL DEFAULT now(), queue text NOT NULL DEFAULT '')`); err != nil {
+		log.Fatal(err)
+	}
+	listener, err := jobwatch.NewListener(dsn)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer listener.Close()
+	wake := make(chan jobwatch.Message, 8)
+	watch, err := jobwatch.WatchForJob(ctx, pool, listener, "gue_jobs", time.Minute, wake,
+		jobwatch.WithJobTable(jobwatch.JobTable{RunAt: "run_at", Queue: "queue"}),
+		jobwatch.WithQueues("emails"))
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer watch.Close()
+
+	if _, err := pool.Exec(ctx, "INSERT INTO gue_jobs (queue) VALUES ('reports'), ('emails')"); err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println(<-wake) // the emails job's; the reports job wakes no one here
+	// Output: JobAvailable
+}
+
 func ExamplePollForJob() {
 	_, pool, done := exampleDB()
 	defer done()

@@ -18,6 +18,7 @@ import (
 type db interface {
 	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
 	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+	txBeginner
 }
 
 // triggerState is what stateSQL reads from the catalog.
@@ -42,6 +43,26 @@ type triggerState struct {
 	foreign         *string // objects under jobwatch's names owned by another role
 	healthy         bool    // every statement that leaves a pending job notifies
 	inPlace         bool    // current but for stale function bodies
+	installed       *string // the record of the description jobwatch's function was made for; nil: IHP's, or none
+}
+
+// conflicts reports whether jobwatch's function is in place for a
+// description other than d's.
+func (s triggerState) conflicts(d described) bool {
+	installed := ""
+	if s.installed != nil {
+		installed = *s.installed
+	}
+	return s.stale && installed != d.record
+}
+
+// installedDescription names, for a log line, the description the
+// installed function was made for.
+func (s triggerState) installedDescription() string {
+	if s.installed == nil {
+		return IHPJobTable.String()
+	}
+	return *s.installed
 }
 
 // needsInstall reports whether the install script has work; with bodies,
@@ -88,13 +109,19 @@ func (s triggerState) what() string {
 	return strings.Join(parts, ", ")
 }
 
-func readTriggerState(ctx context.Context, q db, n names, gate bool) (triggerState, error) {
+// readTriggerState reads what is in place for the table n, described as
+// d says (the zero value for IHP's table).
+func readTriggerState(ctx context.Context, q db, n names, gate bool, d described) (triggerState, error) {
 	var s triggerState
-	err := q.QueryRow(ctx, n.stateSQL(gate), n.table.quoted(), n.statementBody(gate), n.rowBody()).Scan(
+	args := []any{n.table.quoted(), n.statementBody(gate), n.rowBody()}
+	if n.custom() {
+		args = append(args, d.pred, d.record)
+	}
+	err := q.QueryRow(ctx, n.stateSQL(gate), args...).Scan(
 		&s.schema, &s.owner, &s.counter, &s.partitioned, &s.missing, &s.runAtType,
 		&s.hasInsert, &s.insertFires, &s.hasUpdate, &s.updateFires, &s.hasRow, &s.rowFires,
 		&s.uncovered, &s.incomplete, &s.stale, &s.hasCounter, &s.counterWritable, &s.foreign,
-		&s.healthy, &s.inPlace)
+		&s.healthy, &s.inPlace, &s.installed)
 	switch {
 	case errors.Is(err, pgx.ErrNoRows):
 		return s, nil
@@ -119,26 +146,31 @@ func (e sqlError) Unwrap() error { return e.PgError }
 // for a table that may be partitioned, and maps its errors to this
 // package's sentinels.
 func installTriggers(ctx context.Context, q db, n names, gate, mayPartition bool) error {
-	_, err := q.Exec(ctx, n.triggerSQL(gate, mayPartition))
-	if err == nil {
-		return nil
+	if _, err := q.Exec(ctx, n.triggerSQL(gate, mayPartition)); err != nil {
+		return fmt.Errorf("install notification triggers on %s: %w", n.table.raw, mapScriptError(err))
 	}
-	what := "install notification triggers on " + n.table.raw
+	return nil
+}
+
+// mapScriptError maps the errors the scripts of triggers.sql raise to this
+// package's sentinels.
+func mapScriptError(err error) error {
 	var pgErr *pgconn.PgError
 	if errors.As(err, &pgErr) {
 		sentinel := map[string]error{
-			sqlstateUndefinedTable:   ErrTableNotFound,
-			sqlstateUndefinedColumn:  ErrMissingColumns,
-			sqlstateDatatypeMismatch: ErrColumnType,
-			sqlstateLockNotAvailable: ErrTriggersBusy,
-			sqlstatePermissionDenied: ErrPermissionDenied,
-			sqlstateDuplicateObject:  ErrNameTaken,
+			sqlstateUndefinedTable:     ErrTableNotFound,
+			sqlstateUndefinedColumn:    ErrMissingColumns,
+			sqlstateDatatypeMismatch:   ErrColumnType,
+			sqlstateLockNotAvailable:   ErrTriggersBusy,
+			sqlstatePermissionDenied:   ErrPermissionDenied,
+			sqlstateDuplicateObject:    ErrNameTaken,
+			sqlstateInvalidDescription: ErrInvalidJobTable,
 		}[pgErr.Code]
 		if sentinel != nil {
-			return fmt.Errorf("%s: %w: %w", what, sentinel, sqlError{pgErr})
+			return fmt.Errorf("%w: %w", sentinel, sqlError{pgErr})
 		}
 	}
-	return fmt.Errorf("%s: %w", what, err)
+	return err
 }
 
 // NotificationTriggersHealthy reports whether the notification triggers
@@ -155,7 +187,7 @@ func NotificationTriggersHealthy(ctx context.Context, pool *pgxpool.Pool, tableN
 	if pool == nil {
 		return false, fmt.Errorf("jobwatch: check notification triggers on %s: %w", tableName, ErrNilPool)
 	}
-	s, err := readTriggerState(ctx, pool, n, false)
+	s, err := readTriggerState(ctx, pool, n, false, described{})
 	if err != nil {
 		return false, fmt.Errorf("jobwatch: %w", err)
 	}
@@ -171,8 +203,10 @@ func NotificationTriggersHealthy(ctx context.Context, pool *pgxpool.Pool, tableN
 // CreateNotificationTriggerSQL's script and logs what it did. When
 // everything is current it changes nothing and needs no right beyond
 // reading the catalog. It returns an error wrapping ErrTableNotFound,
-// ErrMissingColumns, ErrColumnType, ErrTriggersBusy or ErrPermissionDenied
-// when those are the cause. Options: WithLogger, WithNotifyGate.
+// ErrMissingColumns, ErrColumnType, ErrTriggersBusy, ErrPermissionDenied
+// or ErrInvalidJobTable when those are the cause. Triggers made for
+// another description (WithJobTable) are replaced. Options: WithLogger,
+// WithNotifyGate, WithJobTable.
 func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableName string, opts ...Option) error {
 	n, err := deriveNames(tableName)
 	if err != nil {
@@ -182,27 +216,53 @@ func EnsureNotificationTriggers(ctx context.Context, pool *pgxpool.Pool, tableNa
 		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, ErrNilPool)
 	}
 	o, err := buildOptions(scopeTriggers, opts)
+	if err == nil {
+		n, err = n.describedAs(o.job)
+	}
 	if err != nil {
 		return fmt.Errorf("jobwatch: ensure notification triggers on %s: %w", tableName, err)
 	}
-	if _, _, err := ensureTriggers(ctx, pool, n, o, true); err != nil {
+	var sh shape
+	if _, _, err := ensureTriggers(ctx, pool, n, &sh, o, true, true); err != nil {
 		return fmt.Errorf("jobwatch: %w", err)
 	}
 	return nil
 }
 
+// errDescriptionConflict is ensureTriggers' error for triggers made for
+// another JobTable, which it was not to replace.
+var errDescriptionConflict = errors.New("the notification triggers were made for another job table description")
+
 // ensureTriggers is EnsureNotificationTriggers after validation; bodies says
-// whether stale function bodies count. It reports what it installed ("" if
-// nothing) and whether the triggers notify now (true when that is not
+// whether stale function bodies count, replace whether a function made for
+// another description may be replaced. It reports what it installed (""
+// if nothing) and whether the triggers notify now (true when that is not
 // known, or there is no table).
-func ensureTriggers(ctx context.Context, q db, n names, o options, bodies bool) (found string, healthy bool, err error) {
-	s, err := readTriggerState(ctx, q, n, o.gate)
+func ensureTriggers(ctx context.Context, q db, n names, sh *shape, o options, bodies, replace bool) (found string, healthy bool, err error) {
+	d, err := sh.get(ctx, q, n)
+	if err != nil {
+		if errors.Is(err, ErrTableNotFound) {
+			err = fmt.Errorf("install notification triggers on %s: %w", n.table.raw, ErrTableNotFound)
+		}
+		return "", true, err
+	}
+	s, err := readTriggerState(ctx, q, n, o.gate, d)
 	if err != nil {
 		return "", true, err // unknown: the polls report the server's trouble
 	}
 	if !s.exists {
 		// No table, no jobs to find faster: the installer's retries find it.
 		return "", true, fmt.Errorf("install notification triggers on %s: %w", n.table.raw, ErrTableNotFound)
+	}
+	if s.conflicts(d) {
+		if !replace {
+			return "", false, fmt.Errorf("install notification triggers on %s: %w: installed for %s, this watch's is %s",
+				n.table.raw, errDescriptionConflict, s.installedDescription(), descriptionOf(n, d))
+		}
+		o.logger.Warn("jobwatch: replacing notification triggers made for another job table description; "+
+			"every process watching the table must describe it alike",
+			"table", n.table.raw, "installed", s.installedDescription(), "now", descriptionOf(n, d))
+		bodies = true
 	}
 	if !s.needsInstall(bodies) {
 		return "", s.healthy, nil
@@ -235,6 +295,11 @@ type installer struct {
 	changed   func() // unhealthy changed
 	problems  problemLog
 	unhealthy atomic.Bool // the triggers do not notify and could not be made to
+	shape     *shape      // the table's JobTable, as the server read it
+	// mayReplace: triggers made for another JobTable may be replaced, by
+	// the first check that finds the table, never after: two watches
+	// describing a table differently do not replace each other in turn.
+	mayReplace bool
 
 	kick chan bool // a check is wanted; true: function bodies count
 }
@@ -242,9 +307,9 @@ type installer struct {
 // installRemind is how often a failure that lasts is logged again.
 const installRemind = 30 * time.Minute
 
-func newInstaller(pool *pgxpool.Pool, n names, o options, stats *counters) *installer {
+func newInstaller(pool *pgxpool.Pool, n names, sh *shape, o options, stats *counters) *installer {
 	return &installer{
-		pool: pool, names: n, opts: o, stats: stats, installed: func() {}, changed: func() {},
+		pool: pool, names: n, shape: sh, mayReplace: true, opts: o, stats: stats, installed: func() {}, changed: func() {},
 		problems: problemLog{log: o.logger, remind: installRemind},
 		kick:     make(chan bool, 1),
 	}
@@ -299,7 +364,10 @@ func (i *installer) check(ctx context.Context, bodies bool) bool {
 	n := i.names
 	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
 	defer cancel()
-	found, healthy, err := ensureTriggers(ctx, i.pool, n, i.opts, bodies)
+	found, healthy, err := ensureTriggers(ctx, i.pool, n, i.shape, i.opts, bodies, i.mayReplace)
+	if err == nil || !errors.Is(err, ErrTableNotFound) {
+		i.mayReplace = false
+	}
 	i.stats.queries.Add(1)
 	if found != "" {
 		i.stats.queries.Add(1) // the script
@@ -335,6 +403,17 @@ func (i *installer) check(ctx context.Context, bodies bool) bool {
 		i.problems.report(slog.LevelError, "taken",
 			"jobwatch: notification triggers not installed: another role owns an object under a name they need; jobs are found by polling only. "+
 				"Fix: drop it (its owner could change what every INSERT runs), then the watch installs them",
+			"table", table, "error", err)
+	case errors.Is(err, errDescriptionConflict):
+		i.stats.setError(err)
+		i.problems.report(slog.LevelError, "conflict",
+			"jobwatch: the table's notification triggers were made for another job table description; this watch does not replace them again "+
+				"and polls every fallback interval. Fix: give every process watching the table the same WithJobTable",
+			"table", table, "error", err)
+	case errors.Is(err, ErrInvalidJobTable):
+		i.stats.setError(err)
+		i.problems.report(slog.LevelError, "invalid",
+			"jobwatch: the job table description cannot be watched: nothing installed, no poll runs. Fix: correct WithJobTable",
 			"table", table, "error", err)
 	case errors.Is(err, ErrTriggersBusy):
 		i.problems.passing(slog.LevelInfo, "busy", "jobwatch: notification triggers not installed now (a lock is held), retrying",

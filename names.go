@@ -245,6 +245,27 @@ type names struct {
 	// table, in the single-bigint key space (IHP's installation lock uses
 	// two int4s, a space of its own).
 	notifyKey, skipKey int64
+
+	// job describes the table's rows: IHPJobTable unless WithJobTable
+	// said otherwise (see describedAs).
+	job JobTable
+}
+
+// custom reports whether the table is described by a JobTable other than
+// IHP's, whose triggers and polls the server's reading of it drives.
+func (n names) custom() bool { return n.job != IHPJobTable }
+
+// describedAs returns n for a table described by t, or an error wrapping
+// ErrInvalidJobTable for a description no table could be watched with.
+func (n names) describedAs(t JobTable) (names, error) {
+	if t == IHPJobTable {
+		return n, nil
+	}
+	if err := checkJobTable(t); err != nil {
+		return n, err
+	}
+	n.job = t
+	return n, nil
 }
 
 func deriveNames(tableName string) (names, error) {
@@ -270,6 +291,7 @@ func deriveNames(tableName string) (names, error) {
 		setting:           "jobwatch.t" + hex.EncodeToString(sum[:8]),
 		notifyKey:         lockKey("notify", b),
 		skipKey:           lockKey("skip", b),
+		job:               IHPJobTable,
 	}, nil
 }
 

@@ -27,17 +27,22 @@ const (
 	optInstallBackoff
 	optDeliveryCheck
 	optFallbackPoll
+	optJobTable
+	optQueues
+	optClockSkew
 )
 
 var optionNames = []string{"WithLogger", "WithJitter", "WithHealthCheck", "WithDropLogInterval",
-	"WithNotifyGate", "WithInstallBackoff", "WithDeliveryCheck", "WithFallbackPollInterval"}
+	"WithNotifyGate", "WithInstallBackoff", "WithDeliveryCheck", "WithFallbackPollInterval",
+	"WithJobTable", "WithQueues", "WithClockSkew"}
 
 // Where each option applies.
 const (
 	scopeListener = optLogger | optHealthCheck | optDeliveryCheck
-	scopeWatch    = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optFallbackPoll
-	scopePoll     = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff
-	scopeTriggers = optLogger | optNotifyGate
+	scopeWatch    = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optFallbackPoll | optJobTable | optQueues | optClockSkew
+	scopePoll     = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optJobTable | optQueues | optClockSkew
+	scopeTriggers = optLogger | optNotifyGate | optJobTable
+	scopeDiagnose = optJobTable
 )
 
 type options struct {
@@ -55,6 +60,9 @@ type options struct {
 	deliveryInterval    time.Duration
 	deliveryTimeout     time.Duration
 	fallbackPoll        time.Duration
+	job                 JobTable
+	queues              []string
+	clockSkew           time.Duration
 }
 
 const (
@@ -84,6 +92,7 @@ func buildOptions(scope optionSet, opts []Option) (options, error) {
 		deliveryTimeout:     defaultDeliveryTimeout,
 		fallbackPoll:        defaultFallbackPoll,
 		gate:                true,
+		job:                 IHPJobTable,
 	}
 	for _, opt := range opts {
 		if opt != nil {
@@ -101,6 +110,9 @@ func buildOptions(scope optionSet, opts []Option) (options, error) {
 	}
 	if len(wrong) > 0 {
 		return o, fmt.Errorf("%w: %s does not apply here", ErrInvalidOption, strings.Join(wrong, ", "))
+	}
+	if o.set&optQueues != 0 && o.job.Queue == "" {
+		o.invalid = append(o.invalid, "WithQueues needs WithJobTable with a Queue column")
 	}
 	if len(o.invalid) > 0 {
 		return o, fmt.Errorf("%w: %s", ErrInvalidOption, strings.Join(o.invalid, "; "))
@@ -191,5 +203,22 @@ func WithNotifyGate(on bool) Option {
 	return func(o *options) {
 		o.mark(optNotifyGate, false, "")
 		o.gate = on
+	}
+}
+
+// WithClockSkew is for workers that compare the due time with their own
+// clock rather than the server's (gue, btubbs/pgq: run_at <= $now from the
+// application), which may be up to max behind the server's: a wake-up at
+// the moment the server says a job is due would find nothing, and the job
+// would wait for the next poll. With it, after waking workers for due
+// jobs the watch polls again 50ms later, then after each doubling delay
+// until max has passed since the wake-up, and wakes them again while jobs
+// are still due. It applies to the watch and poll functions. The default
+// is 0: the workers fetch with the server's now(), as IHP's and
+// examples/worker do. A negative value is an error.
+func WithClockSkew(max time.Duration) Option {
+	return func(o *options) {
+		o.mark(optClockSkew, max < 0, "WithClockSkew(%v): negative", max)
+		o.clockSkew = max
 	}
 }

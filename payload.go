@@ -16,13 +16,16 @@ import (
 //	"poll"        look at the table: a transaction past its bound of
 //	              notifications, or a partition's row trigger
 //
-// A gated trigger (WithNotifyGate) puts "g:" before each. Any payload wakes
-// an IHP worker, which ignores it.
+// A gated trigger (WithNotifyGate) puts "g:" before each. For a JobTable
+// with a Queue column, " q:<queue>" after "due:<n>" or "at:<epoch>" names
+// the queue of the jobs announced (the rest of the payload, whatever it
+// holds). Any payload wakes an IHP worker, which ignores it.
 const (
 	payloadDue   = "due:"
 	payloadAt    = "at:"
 	payloadPoll  = "poll"
 	payloadGated = "g:"
+	payloadQueue = " q:"
 )
 
 // maxDueCount caps the count of due rows a statement's notification
@@ -68,6 +71,10 @@ type Payload struct {
 	At    time.Time // for "at:<epoch>": when the earliest job scheduled for later is due, on the server's clock
 	Poll  bool      // "poll": look at the table
 	Gated bool      // sent by a gated trigger (WithNotifyGate)
+	// Queued says that the payload names the queue of its jobs, Queue
+	// (which may be ""): a JobTable with a Queue column (see WithQueues).
+	Queued bool
+	Queue  string
 }
 
 // ParsePayload decodes a notification payload sent on a table's channel
@@ -77,6 +84,9 @@ func ParsePayload(p string) Payload {
 	var out Payload
 	if rest, ok := strings.CutPrefix(p, payloadGated); ok {
 		p, out.Gated = rest, true
+	}
+	if i := strings.Index(p, payloadQueue); i > 0 && !strings.ContainsRune(p[:i], ' ') {
+		p, out.Queue, out.Queued = p[:i], p[i+len(payloadQueue):], true
 	}
 	switch {
 	case p == payloadPoll:
@@ -109,6 +119,9 @@ func (p Payload) String() string {
 		s = "1 job due"
 	default:
 		s = strconv.FormatInt(p.Due, 10) + " jobs due"
+	}
+	if p.Queued {
+		s += " in queue " + strconv.Quote(p.Queue)
 	}
 	if p.Gated {
 		s += " (gated)"

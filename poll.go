@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -20,8 +21,9 @@ import (
 type Poller struct {
 	pool      *pgxpool.Pool
 	names     names
+	shape     *shape // the table's JobTable, as the server read it
 	opts      options
-	query     string
+	query     string // the poll's query; for a JobTable other than IHP's, built once it is read
 	stats     *counters
 	installer *installer // nil for PollForJob without repair
 	repair    bool       // check the triggers after each interval poll
@@ -41,6 +43,10 @@ type Poller struct {
 	gate       gateState
 	problems   problemLog
 	stopOnce   sync.Once
+	// WithClockSkew's polls after a wake-up: until recheckEnd, after a
+	// doubling delay, while jobs are due.
+	recheck    backoff
+	recheckEnd time.Time
 }
 
 // PollForJob checks tableName every pollInterval plus a random jitter (up to
@@ -65,15 +71,30 @@ func PollForJob(ctx context.Context, repair bool, pool *pgxpool.Pool, tableName 
 	if err != nil {
 		return nil, err
 	}
+	sh := &shape{}
+	if err := checkDescription(ctx, pool, n, sh); err != nil {
+		return nil, fmt.Errorf("jobwatch: poll %s: %w", tableName, err)
+	}
 	stats := newCounters(n, wake, o)
 	var inst *installer
 	if repair {
-		inst = newInstaller(pool, n, o, stats)
+		inst = newInstaller(pool, n, sh, o, stats)
 		inst.request(false)
 	}
-	p := newPoller(pool, n, pollInterval, o, stats, inst, repair)
+	p := newPoller(pool, n, sh, pollInterval, o, stats, inst, repair)
 	p.start(ctx)
 	return p, nil
+}
+
+// checkDescription has the server read n's JobTable when the table is
+// there, so that the call that starts a watch or poller returns
+// ErrInvalidJobTable for one that cannot be watched. Any other failure is
+// left to the poller, which reports it and retries.
+func checkDescription(ctx context.Context, pool *pgxpool.Pool, n names, sh *shape) error {
+	if _, err := sh.get(ctx, pool, n); errors.Is(err, ErrInvalidJobTable) {
+		return err
+	}
+	return nil
 }
 
 // validate checks the arguments the watch and poll functions share.
@@ -84,6 +105,9 @@ func validate(step string, pool *pgxpool.Pool, tableName string, pollInterval ti
 		return n, options{}, fmt.Errorf("jobwatch: %s: %w", step, err)
 	}
 	o, err := buildOptions(scope, opts)
+	if err == nil {
+		n, err = n.describedAs(o.job)
+	}
 	switch {
 	case err != nil:
 	case pool == nil:
@@ -107,12 +131,13 @@ func validate(step string, pool *pgxpool.Pool, tableName string, pollInterval ti
 // newPoller makes a poller that does nothing until start. It runs inst,
 // if any, asks it to check the triggers after each interval poll when
 // repair is set, and polls at once when inst has installed them.
-func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, stats *counters, inst *installer, repair bool) *Poller {
+func newPoller(pool *pgxpool.Pool, n names, sh *shape, interval time.Duration, o options, stats *counters, inst *installer, repair bool) *Poller {
 	table := n.table.quoted()
 	queryCtx, abort := context.WithCancel(context.Background())
 	p := &Poller{
 		pool:      pool,
 		names:     n,
+		shape:     sh,
 		opts:      o,
 		stats:     stats,
 		repair:    repair && inst != nil,
@@ -124,13 +149,16 @@ func newPoller(pool *pgxpool.Pool, n names, interval time.Duration, o options, s
 		queryCtx:  queryCtx,
 		abort:     abort,
 		problems:  problemLog{log: o.logger, remind: pollRemind},
+		recheck:   backoff{min: recheckFirst, max: max(o.clockSkew, recheckFirst)},
+	}
+	if !n.custom() {
 		// The limit is the channel's capacity, a constant, so the statement
 		// has no parameter and its plan is made once per connection. The
 		// server's clock comes along, to place "at:" times on ours.
-		query: `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingNow +
+		p.query = `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingNow +
 			` LIMIT ` + strconv.Itoa(stats.capacity()) + `) p),
 		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + ` WHERE ` + pendingLater + `),
-		extract(epoch FROM clock_timestamp())::float8`,
+		extract(epoch FROM clock_timestamp())::float8`
 	}
 	p.sched = schedule{interval: interval, jitter: p.jitter}
 	if inst != nil {
@@ -332,11 +360,17 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 	ctx, cancel := context.WithTimeout(p.queryCtx, queryTimeout)
 	defer cancel()
 	start := time.Now()
-	var err error
+	query, args, err := p.pollQuery(ctx)
+	dest := []any{&count, &next, &server}
 	if p.gate.on {
-		err = p.pool.QueryRow(ctx, p.query+`, `+gateColumns, p.gateArgs()...).Scan(&count, &next, &server, &open, &skips, &readable)
-	} else {
-		err = p.pool.QueryRow(ctx, p.query).Scan(&count, &next, &server)
+		dest = append(dest, &open, &skips, &readable)
+	}
+	if err == nil {
+		if p.names.custom() {
+			err = queryPinned(ctx, p.pool, query, args, dest)
+		} else {
+			err = p.pool.QueryRow(ctx, query, args...).Scan(dest...)
+		}
 	}
 	end := time.Now()
 	// Counted once done, so that a caller who saw Polls go up knows that
@@ -385,8 +419,107 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 	}
 	if !trailOnly || skipped {
 		p.stats.wake(min(count, p.stats.room()), cause)
+		p.wokeFor(count)
 	}
 	if next != nil {
 		p.scheduleIn(seconds(*next))
 	}
+}
+
+// pollQuery returns the poll's statement and arguments: the query, with
+// the notify gate's columns when the poller follows it, and for a
+// JobTable other than IHP's the queues it watches. It has the server read
+// that JobTable first if need be.
+func (p *Poller) pollQuery(ctx context.Context) (string, []any, error) {
+	var args []any
+	if p.gate.on {
+		args = p.gateArgs()
+	}
+	if !p.names.custom() {
+		if p.gate.on {
+			return p.query + `, ` + gateColumns, args, nil
+		}
+		return p.query, args, nil
+	}
+	d, err := p.shape.get(ctx, p.pool, p.names)
+	if err != nil {
+		return "", nil, err
+	}
+	queueParam := 0
+	if p.gate.on {
+		args[1] = d.table // the table as the pinned search_path finds it
+	}
+	if len(p.opts.queues) > 0 {
+		args = append(args, p.opts.queues)
+		queueParam = len(args)
+	}
+	if p.query == "" { // only the poll loop reads and writes it
+		p.query = customPollSQL(p.names, d, queueParam, p.stats.capacity())
+	}
+	if p.gate.on {
+		return p.query + `, ` + gateColumns, args, nil
+	}
+	return p.query, args, nil
+}
+
+// customPollSQL is the poll's query for a JobTable other than IHP's: the
+// due jobs, counted up to limit, the seconds until the earliest one due
+// later, and the server's clock. Parameter $queueParam, when not 0, holds
+// the queues to count. It runs on a pinned search_path (queryPinned).
+func customPollSQL(n names, d described, queueParam, limit int) string {
+	e := jobExprs(n.job)
+	where := `(` + d.pred + `)`
+	if queueParam > 0 {
+		where += ` AND ` + e.queue + ` = ANY ($` + strconv.Itoa(queueParam) + `::text[])`
+	}
+	table := d.table
+	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
+		(SELECT extract(epoch FROM min(` + e.dueAt + `) - now())::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
+		extract(epoch FROM clock_timestamp())::float8`
+}
+
+// pinnedSearchPath is the search_path the trigger functions of a JobTable
+// other than IHP's run on, and their polls: the server's reading of
+// Pending names everything outside pg_catalog with its schema.
+const pinnedSearchPath = "pg_catalog, pg_temp"
+
+// queryPinned runs one row's query on pinnedSearchPath, set for its
+// transaction only: the pool's own search_path, whatever it holds, picks
+// no operator or function of the query (a prepared statement is analysed
+// again under the search_path it runs with).
+func queryPinned(ctx context.Context, pool *pgxpool.Pool, query string, args, dest []any) error {
+	var b pgx.Batch
+	b.Queue(`SELECT pg_catalog.set_config('search_path', ` + quoteLiteral(pinnedSearchPath) + `, true)`)
+	b.Queue(query, args...).QueryRow(func(row pgx.Row) error { return row.Scan(dest...) })
+	return pool.SendBatch(ctx, &b).Close()
+}
+
+// recheckFirst is WithClockSkew's first delay.
+const recheckFirst = 50 * time.Millisecond
+
+// wokeFor follows a wake-up for count due jobs (count 0: none were due)
+// with WithClockSkew's next poll, while its time lasts.
+func (p *Poller) wokeFor(count int64) {
+	if p.opts.clockSkew <= 0 {
+		return
+	}
+	p.mu.Lock()
+	now := time.Now()
+	switch {
+	case count == 0:
+		p.recheckEnd = time.Time{}
+	case p.recheckEnd.IsZero() || now.After(p.recheckEnd):
+		p.recheckEnd = now.Add(p.opts.clockSkew)
+		p.recheck.reset()
+		fallthrough
+	default:
+		if at := now.Add(p.recheck.delay()); now.Before(p.recheckEnd) {
+			if at.After(p.recheckEnd) {
+				at = p.recheckEnd
+			}
+			earlier(&p.sched.scheduled, at)
+		}
+	}
+	p.mu.Unlock()
+	p.signal()
 }

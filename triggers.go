@@ -38,7 +38,23 @@ func CreateNotificationTriggerSQLWith(tableName string, opts ...Option) string {
 	if err != nil {
 		return raiseSQL(err)
 	}
+	if n, err = n.describedAs(o.job); err != nil {
+		return raiseSQL(err)
+	}
 	return n.triggerSQL(o.gate, true)
+}
+
+// CreateNotificationTriggerSQLFor is CreateNotificationTriggerSQL for a
+// table described by t (see JobTable): the triggers notify for the rows a
+// statement leaves pending by t's reading. The script has PostgreSQL read
+// t against the table first and fails, installing nothing, with the
+// reason in its message, when t cannot be watched (ErrInvalidJobTable's
+// cases); text that could end the script makes it a statement that
+// raises that error. It replaces triggers installed for another
+// description. CreateNotificationTriggerSQLFor(n, IHPJobTable) is
+// CreateNotificationTriggerSQL(n).
+func CreateNotificationTriggerSQLFor(tableName string, t JobTable) string {
+	return CreateNotificationTriggerSQLWith(tableName, WithJobTable(t))
 }
 
 // DropNotificationTriggerSQL returns SQL that removes what
@@ -89,7 +105,22 @@ type scriptData struct {
 	NotifyKey, SkipKey                                                   int64
 	Bound, MaxDue                                                        int
 	Tbl, StmtBody, RowBody, StmtBodyQuoted, RowBodyQuoted, IHPBodyQuoted string // set per use
+
+	// A JobTable other than IHP's (Custom): the description's parts as
+	// the "describe" template checks them, and the expressions the
+	// function body uses (Fmt rules apply).
+	Custom                                  bool
+	PendingText, ZoneText, DescribedSetting string
+	RunAtLit, ZoneLit, QueueLit             string
+	DescColumns                             []descColumn
+	InvalidCode                             string
+	QueueExpr, DueNow, DueAt, DueLater      string
+	MaxQueueTag                             int
+	Pred, Record                            string // set per use: where the server's reading is
 }
+
+// descColumn is a column a JobTable names, and what its type must be.
+type descColumn struct{ Field, Name, Check, Want string }
 
 func (n names) sqlData(gate, mayPartition bool) *scriptData {
 	fmtLit := func(s string) string { return strings.ReplaceAll(quoteLiteral(s), "%", "%%") }
@@ -101,7 +132,7 @@ func (n names) sqlData(gate, mayPartition bool) *scriptData {
 	if gate {
 		prefix = quoteLiteral(payloadGated)
 	}
-	return &scriptData{
+	d := &scriptData{
 		Raw: n.table.raw, TableQuoted: n.table.quoted(), TableFmt: strings.ReplaceAll(n.table.quoted(), "%", "%%"),
 		IHPSchemaKey: schemaKey,
 		Function:     n.function, RowFunction: n.rowFunction, IHPFunction: n.ihpFunction, Counter: n.counter,
@@ -115,6 +146,40 @@ func (n names) sqlData(gate, mayPartition bool) *scriptData {
 		NotifyKey: n.notifyKey, SkipKey: n.skipKey,
 		Bound: maxAnnouncements, MaxDue: maxDueCount,
 	}
+	if n.custom() {
+		d.setJobTable(n.job)
+	}
+	return d
+}
+
+// setJobTable fills in what the templates need for a JobTable other than
+// IHP's.
+func (d *scriptData) setJobTable(t JobTable) {
+	litOrNull := func(s string) string {
+		if s == "" {
+			return "NULL::pg_catalog.text"
+		}
+		return quoteLiteral(s)
+	}
+	d.Custom, d.OwnsIHPFunction = true, false
+	d.PendingText, d.ZoneText, d.DescribedSetting = strings.TrimSpace(t.Pending), t.RunAtTimeZone, describedSetting
+	d.RunAtLit, d.ZoneLit, d.QueueLit = litOrNull(t.RunAt), litOrNull(t.RunAtTimeZone), litOrNull(t.Queue)
+	d.InvalidCode, d.MaxQueueTag = sqlstateInvalidDescription, maxQueueTag
+	if t.Queue != "" {
+		d.DescColumns = append(d.DescColumns, descColumn{Field: "Queue", Name: t.Queue,
+			Check: "category = 'S'", Want: "of a string type (text, varchar, char, name)"})
+	}
+	if t.RunAt != "" {
+		c := descColumn{Field: "RunAt", Name: t.RunAt, Check: "typ IN (" + runAtTypes + ")",
+			Want: "a timestamp, with time zone or without (then read in RunAtTimeZone, else in the session TimeZone)"}
+		if t.RunAtTimeZone != "" {
+			c.Check, c.Want = "typ = 'timestamp without time zone'", "a timestamp without time zone, as RunAtTimeZone is set"
+		}
+		d.DescColumns = append(d.DescColumns, c)
+	}
+	// The body is a format() string.
+	e, esc := jobExprs(t), func(s string) string { return strings.ReplaceAll(s, "%", "%%") }
+	d.QueueExpr, d.DueNow, d.DueAt, d.DueLater = esc(e.queue), esc(e.dueNow), esc(e.dueAt), esc(e.dueLater)
 }
 
 // render executes one template of triggers.sql. The templates are
@@ -130,7 +195,9 @@ func (n names) render(name string, d *scriptData) string {
 
 // statementBody is the body of jobwatch_notify_<table>, which the
 // statement triggers call, as a format() string: %1$L stands for the skip
-// counter's schema-qualified name.
+// counter's schema-qualified name; for a JobTable other than IHP's, %2$s
+// for the server's reading of Pending and %3$s for the description's
+// record.
 func (n names) statementBody(gate bool) string {
 	return n.render("stmt_body", n.sqlData(gate, true))
 }
@@ -147,12 +214,26 @@ func (n names) ihpBody() string {
 
 // stateSQL is the query that says what of the installation is in place,
 // for the table named by $1 (quoted) with the bodies $2 and $3 (see
-// statementBody and rowBody). It returns no row when the table does not
-// exist. The install script runs the same query.
+// statementBody and rowBody) and, for a JobTable other than IHP's, the
+// server's reading of it, $4 and $5 (see described). It returns no row
+// when the table does not exist. The install script runs the same query.
+// Its last column, which the script does not read, is the record of the
+// description the installed function was made for (NULL: IHP's).
 func (n names) stateSQL(gate bool) string {
 	d := n.sqlData(gate, true)
-	d.Tbl, d.StmtBody, d.RowBody = "to_regclass($1::text)", "$2::text", "$3::text"
-	return n.render("state", d)
+	d.Tbl, d.StmtBody, d.RowBody, d.Pred, d.Record = "to_regclass($1::text)", "$2::text", "$3::text", "$4::text", "$5::text"
+	return "SELECT s.*, (SELECT substring(p.prosrc FROM " + quoteLiteral(`\n-- jobwatch job table: ([^\n]*)`) + `)
+          FROM pg_class c JOIN pg_proc p ON p.pronamespace = c.relnamespace
+         WHERE c.oid = to_regclass($1::text) AND p.proname = ` + quoteLiteral(n.function) + ` AND p.pronargs = 0) AS installed
+  FROM (` + n.render("state", d) + `) s`
+}
+
+// describeSQL is a DO statement that has the server read the table's
+// JobTable ("describe" in triggers.sql) and leaves its reading in the
+// describedSetting, for the rest of the transaction: the Pending
+// expression, a newline, and the record.
+func (n names) describeSQL() string {
+	return "DO " + dollarQuote("jobwatch", n.render("describe_only", n.sqlData(false, true)))
 }
 
 // triggerSQL is the install script (see CreateNotificationTriggerSQL).
@@ -160,7 +241,7 @@ func (n names) stateSQL(gate bool) string {
 // ErrTriggersBusy's SQLSTATE when the table is partitioned.
 func (n names) triggerSQL(gate, mayPartition bool) string {
 	d := n.sqlData(gate, mayPartition)
-	d.Tbl, d.StmtBody, d.RowBody = "tbl", "stmt_body", "row_body"
+	d.Tbl, d.StmtBody, d.RowBody, d.Pred, d.Record = "tbl", "stmt_body", "row_body", "pred", "described"
 	d.StmtBodyQuoted = dollarQuote("jobwatch_fn", n.render("stmt_body", d))
 	d.RowBodyQuoted = dollarQuote("jobwatch_fn", n.render("row_body", d))
 	d.IHPBodyQuoted = dollarQuote("jobwatch_fn", n.ihpBody())

@@ -15,7 +15,7 @@ Two rules hold everywhere below:
     end, with the caller's lock_timeout.
 */}}
 
-{{- define "look"}}
+{{- define "look"}}{{if .Custom}}{{template "look_custom" .}}{{else}}
         -- status::text: the column may be IHP's job_status enum, text or a
         -- domain over text, and comparing as text cannot fail on an enum
         -- that lacks a label. A job scheduled at 'infinity' is never due.
@@ -23,13 +23,140 @@ Two rules hold everywhere below:
                pg_catalog.min(j.run_at) FILTER (WHERE j.run_at OPERATOR(pg_catalog.>) pg_catalog.now() AND pg_catalog.isfinite(j.run_at))
           INTO due, next_at
           FROM {{.TransitionTable}} j
-         WHERE j.status::pg_catalog.text OPERATOR(pg_catalog.=) ANY ({{.PendingArray}});
+         WHERE j.status::pg_catalog.text OPERATOR(pg_catalog.=) ANY ({{.PendingArray}});{{end}}
 {{- end}}
 
-{{- define "stmt_body"}}
+{{- define "look_custom"}}
+        -- The rows this statement left pending, by queue: how many are
+        -- due, and the earliest due later. %2$s is PostgreSQL's reading of
+        -- JobTable.Pending.
+        SELECT coalesce(pg_catalog.sum(g.due), 0)::pg_catalog.int8, pg_catalog.min(g.next_at),
+               pg_catalog.array_agg(g.queue), pg_catalog.array_agg(g.due), pg_catalog.array_agg(g.next_at)
+          INTO due, next_at, queues, dues, nexts
+          FROM (SELECT {{.QueueExpr}} AS queue,
+                       pg_catalog.count(*) FILTER (WHERE {{.DueNow}}) AS due,
+                       pg_catalog.min({{.DueAt}}) FILTER (WHERE {{.DueLater}}) AS next_at
+                  FROM {{.TransitionTable}} j
+                 WHERE %2$s
+                 GROUP BY 1) g;
+{{- end}}
+
+{{- define "announce_custom"}}
+    -- What this transaction has announced on the channel so far, as for
+    -- IHP's table; each queue's jobs are announced with " q:<queue>"
+    -- after the payload (a queue name too long for that: "poll").
+    DECLARE
+        state pg_catalog.text := pg_catalog.current_setting({{.SettingFmt}}, true);
+        sent pg_catalog.int4 := 0;
+        announce pg_catalog.text[] := '{}';
+        payload pg_catalog.text;
+        tag pg_catalog.text;
+    BEGIN
+        IF state <> '' THEN
+            sent := pg_catalog.split_part(state, ' ', 1)::pg_catalog.int4;
+        END IF;
+        FOR i IN 1 .. coalesce(pg_catalog.array_length(queues, 1), 0) LOOP
+            tag := CASE WHEN queues[i] IS NULL THEN ''
+                        WHEN pg_catalog.octet_length(queues[i]) <= {{.MaxQueueTag}} THEN pg_catalog.concat(' q:', queues[i]) END;
+            IF tag IS NULL THEN
+                IF dues[i] > 0 OR nexts[i] IS NOT NULL THEN
+                    announce := pg_catalog.array_append(announce, '{{.PayloadPoll}}'::pg_catalog.text);
+                END IF;
+                CONTINUE;
+            END IF;
+            IF dues[i] = 1 AND tag = '' THEN
+                -- Merged with the transaction's other ones: not counted.
+                announce := pg_catalog.array_append(announce, ''::pg_catalog.text);
+            ELSIF dues[i] > 0 THEN
+                announce := pg_catalog.array_append(announce, pg_catalog.concat('{{.PayloadDue}}', LEAST(dues[i], {{.MaxDue}}), tag));
+            END IF;
+            IF nexts[i] IS NOT NULL THEN
+                announce := pg_catalog.array_append(announce, pg_catalog.concat('{{.PayloadAt}}', EXTRACT(epoch FROM nexts[i]), tag));
+            END IF;
+        END LOOP;
+        FOREACH payload IN ARRAY announce LOOP
+            IF payload NOT IN ('', '{{.PayloadPoll}}') THEN
+                IF sent >= {{.Bound}} THEN
+                    payload := '{{.PayloadPoll}}';
+                END IF;
+                sent := sent + 1;
+            END IF;
+            PERFORM pg_catalog.pg_notify({{.ChannelFmt}}, pg_catalog.concat({{.Prefix}}, payload));
+        END LOOP;
+        PERFORM pg_catalog.set_config({{.SettingFmt}}, pg_catalog.concat(sent, ' NaN'), true);
+    END;
+{{- end}}
+
+{{- define "describe"}}
+    -- The description of the table's rows (WithJobTable), read by the
+    -- server on the pinned search_path: Pending as the predicate of an
+    -- index on an empty temporary copy of the table, which accepts only
+    -- the row's own columns, immutable functions and operators, no
+    -- subquery and no aggregate; then printed back by PostgreSQL, every
+    -- name outside pg_catalog qualified. That reading is what the trigger
+    -- function and the polls run, on the same pinned search_path.
+    DECLARE
+        typ pg_catalog.text;
+        category pg_catalog."char";
+    BEGIN
+    BEGIN
+        EXECUTE pg_catalog.format('CREATE TEMPORARY TABLE jobwatch_describe (LIKE %s)', tbl);
+{{- if .PendingText}}
+        EXECUTE 'CREATE INDEX ON pg_temp.jobwatch_describe ((1)) WHERE (' || {{lit .PendingText}} || ')';
+        SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) INTO pred FROM pg_catalog.pg_index i
+         WHERE i.indrelid = 'pg_temp.jobwatch_describe'::pg_catalog.regclass;
+{{- end}}
+        DROP TABLE pg_temp.jobwatch_describe;
+    EXCEPTION WHEN syntax_error_or_access_rule_violation OR feature_not_supported OR data_exception THEN
+        RAISE EXCEPTION 'jobwatch: table %: Pending % cannot be watched: %', {{lit .Raw}}, {{lit .PendingText}}, SQLERRM USING ERRCODE = '{{.InvalidCode}}';
+    END;
+    pred := coalesce(pred, 'true');
+{{- range .DescColumns}}
+    SELECT pg_catalog.format_type(a.atttypid, NULL), t.typcategory INTO typ, category
+      FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+     WHERE a.attrelid = tbl AND a.attname = {{lit .Name}} AND a.attnum > 0 AND NOT a.attisdropped;
+    IF typ IS NULL THEN
+        RAISE EXCEPTION 'jobwatch: table % has no column % (JobTable.{{.Field}})', {{lit $.Raw}}, {{lit .Name}} USING ERRCODE = '{{$.InvalidCode}}';
+    ELSIF NOT ({{.Check}}) THEN
+        RAISE EXCEPTION 'jobwatch: column % of table % is %: JobTable.{{.Field}} must be {{.Want}}', {{lit .Name}}, {{lit $.Raw}}, typ USING ERRCODE = '{{$.InvalidCode}}';
+    END IF;
+{{- end}}
+{{- if .ZoneText}}
+    BEGIN
+        PERFORM pg_catalog.timezone({{lit .ZoneText}}, pg_catalog.now());
+    EXCEPTION WHEN data_exception THEN
+        RAISE EXCEPTION 'jobwatch: table %: JobTable.RunAtTimeZone: %', {{lit .Raw}}, SQLERRM USING ERRCODE = '{{.InvalidCode}}';
+    END;
+{{- end}}
+    described := pg_catalog.json_build_object('pending', pred, 'run_at', {{.RunAtLit}}, 'run_at_time_zone', {{.ZoneLit}}, 'queue', {{.QueueLit}})::pg_catalog.text;
+    END;
+{{- end}}
+
+{{- define "describe_only"}}
+DECLARE
+    tbl pg_catalog.regclass := pg_catalog.to_regclass({{lit .TableQuoted}});
+    pred pg_catalog.text;
+    described pg_catalog.text;
+BEGIN
+    IF tbl IS NULL THEN
+        RAISE EXCEPTION 'jobwatch: table % does not exist', {{lit .Raw}} USING ERRCODE = '42P01';
+    END IF;
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);{{template "describe" .}}
+    PERFORM pg_catalog.set_config({{lit .DescribedSetting}}, pg_catalog.concat_ws(E'\n', pred, described, tbl), true);
+END
+{{end}}
+
+{{- define "stmt_body"}}{{if .Custom}}
+-- Written by jobwatch (CreateNotificationTriggerSQLFor): tells the workers of
+-- {{.TableFmt}} about the jobs a statement left pending, for the job table
+-- description below. It runs on a pinned search_path.
+-- jobwatch job table: %3$s
+#variable_conflict use_column
+{{- else}}
 -- Written by jobwatch (CreateNotificationTriggerSQL): tells the workers of
 -- {{.TableFmt}} about the jobs a statement left pending. Every name below is
 -- schema-qualified: the inserting session's search_path changes nothing.
+{{- end}}
 DECLARE
     -- A skipping INSERT (the notify gate) uses these alone: the notifying
     -- part's variables are in its own block, so that a skipper does not
@@ -38,6 +165,11 @@ DECLARE
     next_at pg_catalog.timestamptz;
     counter pg_catalog.regclass;
     skips pg_catalog.int8;
+{{- if .Custom}}
+    queues pg_catalog.text[];
+    dues pg_catalog.int8[];
+    nexts pg_catalog.timestamptz[];
+{{- end}}
 BEGIN
 {{- if .Gate}}
     -- An UPDATE rarely leaves a job pending (a fetch or a completion does
@@ -66,6 +198,8 @@ BEGIN
     END IF;
 {{- else}}{{template "look" .}}
 {{- end}}
+{{- if .Custom}}{{template "announce_custom" .}}
+{{- else}}
     -- What this transaction has announced on the channel so far: how many
     -- counts and times, and the earliest time. PostgreSQL merges identical
     -- notifications of a transaction, but not these, so past {{.Bound}} the
@@ -105,6 +239,7 @@ BEGIN
         END LOOP;
         PERFORM pg_catalog.set_config({{.SettingFmt}}, pg_catalog.concat(sent, ' ', announced), true);
     END;
+{{- end}}
     RETURN NULL;
 END
 {{end}}
@@ -119,12 +254,15 @@ BEGIN
 END
 {{end}}
 
-{{- define "columns"}}
+{{- define "columns"}}{{if .Custom}}
+SELECT NULL::text AS missing, NULL::text AS run_at_type
+{{- else}}
 SELECT (SELECT string_agg(col, ', ') FROM unnest(ARRAY['status', 'run_at', 'locked_by']) AS col
          WHERE NOT EXISTS (SELECT 1 FROM pg_attribute a
                             WHERE a.attrelid = {{.Tbl}} AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped)) AS missing,
        (SELECT format_type(a.atttypid, NULL) FROM pg_attribute a
          WHERE a.attrelid = {{.Tbl}} AND a.attname = 'run_at' AND a.attnum > 0 AND NOT a.attisdropped) AS run_at_type
+{{- end}}
 {{- end}}
 
 {{- define "parts"}}
@@ -181,7 +319,7 @@ WITH t AS (
            (SELECT count(*)::int FROM parts WHERE NOT (insert_fires AND update_fires) AND NOT (leaf AND row_fires)) AS uncovered,
            (SELECT count(*)::int FROM parts WHERE NOT (insert_fires AND update_fires) OR (leaf AND row_fires)) AS incomplete,
            EXISTS (SELECT 1 FROM obj WHERE kind = 'function' AND name = {{lit .Function}}
-                      AND body IS DISTINCT FROM format({{.StmtBody}}, t.counter)
+                      AND body IS DISTINCT FROM format({{.StmtBody}}, t.counter{{if .Custom}}, {{.Pred}}, {{.Record}}{{end}})
                       OR kind = 'function' AND name = {{lit .RowFunction}}
                       AND body IS DISTINCT FROM format({{.RowBody}}, t.counter)) AS stale,
            EXISTS (SELECT 1 FROM obj WHERE kind = 'sequence') AS has_counter,
@@ -220,11 +358,16 @@ DECLARE
     st record;
     locked boolean := false;
     part record;
+{{- if .Custom}}
+    pred pg_catalog.text;
+    described pg_catalog.text;
+{{- end}}
 BEGIN
     IF tbl IS NULL THEN
         RAISE EXCEPTION 'jobwatch: table % does not exist', {{lit .Raw}} USING ERRCODE = '42P01';
     END IF;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+{{- if .Custom}}{{template "describe" .}}{{end}}
     -- Read what is in place; when something is missing, take the
     -- installation lock (IHP's key, so that Go and IHP installers never
     -- collide) and read again: another installer may just have finished.
@@ -276,15 +419,26 @@ BEGIN
         IF current_user <> st.owner THEN
             EXECUTE format('ALTER SEQUENCE %s OWNER TO %I', st.counter, st.owner);
         END IF;
+{{- if .Custom}}
+        -- Dropped with the table: owned by its first column.
+        EXECUTE format('ALTER SEQUENCE %s OWNED BY %s.%I', st.counter, tbl,
+                       (SELECT a.attname FROM pg_attribute a WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum LIMIT 1));
+{{- else}}
         EXECUTE format('ALTER SEQUENCE %s OWNED BY %s.run_at', st.counter, tbl);
+{{- end}}
         EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO PUBLIC', st.counter);
     ELSIF st.counter_writable THEN
         EXECUTE format('REVOKE UPDATE ON SEQUENCE %s FROM PUBLIC', st.counter);
     END IF;
 {{- end}}
     IF st.stale OR to_regprocedure(format('%I.%I()', st.nsp, {{lit .Function}})) IS NULL THEN
+{{- if .Custom}}
+        EXECUTE format('CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS %L',
+                       st.nsp, {{lit .Function}}, format(stmt_body, st.counter, pred, described));
+{{- else}}
         EXECUTE format('CREATE OR REPLACE FUNCTION %I.%I() RETURNS trigger LANGUAGE plpgsql AS %L',
                        st.nsp, {{lit .Function}}, format(stmt_body, st.counter));
+{{- end}}
         IF current_user <> st.owner THEN
             EXECUTE format('ALTER FUNCTION %I.%I() OWNER TO %I', st.nsp, {{lit .Function}}, st.owner);
         END IF;
@@ -334,7 +488,7 @@ BEGIN
     END IF;
 {{- if .MayPartition}}
     IF st.partitioned AND NOT st.has_row THEN
-        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE ON %s FOR EACH ROW WHEN (NEW.status::text IN ({{.PendingStatusesInLiteral}})) EXECUTE FUNCTION %I.%I()',
+        EXECUTE format('CREATE TRIGGER %I AFTER INSERT OR UPDATE ON %s FOR EACH ROW{{if not .Custom}} WHEN (NEW.status::text IN ({{.PendingStatusesInLiteral}})){{end}} EXECUTE FUNCTION %I.%I()',
                        {{lit .RowTrigger}}, tbl, st.nsp, {{lit .RowFunction}});
     ELSIF st.partitioned AND NOT st.row_fires THEN
         EXECUTE format('ALTER TABLE ONLY %s ENABLE TRIGGER %I', tbl, {{lit .RowTrigger}});

@@ -47,7 +47,8 @@ type Watch struct {
 	group           *poolGroup    // the Listener's for this pool; nil once the Listener is closed
 	fallback        time.Duration // the poll interval while notifications do not arrive
 	startedAt       time.Time
-	started         atomic.Bool // the poller runs: reconnects call for catch-up
+	queues          map[string]bool // WithQueues; nil: every queue
+	started         atomic.Bool     // the poller runs: reconnects call for catch-up
 	done            chan struct{}
 
 	// closing is held for reading by the notification callback while it
@@ -101,10 +102,20 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	if err := ctx.Err(); err != nil {
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
+	sh := &shape{}
+	if err := checkDescription(ctx, pool, n, sh); err != nil {
+		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
+	}
 	stats := newCounters(n, wake, o)
 	w := &Watch{listener: listener, stats: stats, fallback: o.fallbackPoll, startedAt: time.Now(), done: make(chan struct{})}
-	inst := newInstaller(pool, n, o, stats)
-	w.poller = newPoller(pool, n, pollInterval, o, stats, inst, repair)
+	if len(o.queues) > 0 {
+		w.queues = make(map[string]bool, len(o.queues))
+		for _, q := range o.queues {
+			w.queues[q] = true
+		}
+	}
+	inst := newInstaller(pool, n, sh, o, stats)
+	w.poller = newPoller(pool, n, sh, pollInterval, o, stats, inst, repair)
 	w.poller.degraded = w.degraded
 	inst.changed = w.poller.signal
 	if o.gate {
@@ -152,6 +163,9 @@ func (w *Watch) notified(msg Notification) {
 	if p.Gated {
 		w.poller.gateSoon()
 	}
+	if p.Queued && w.queues != nil && !w.queues[p.Queue] {
+		return // another queue's jobs (the gate's part is done above)
+	}
 	switch {
 	case p.Poll:
 		w.poller.pollSoon()
@@ -162,6 +176,7 @@ func (w *Watch) notified(msg Notification) {
 		// a woken worker fetches until none is due. One that cannot be
 		// delivered counts as dropped.
 		w.stats.wake(max(min(p.Due, w.stats.room()), 1), causeNotification)
+		w.poller.wokeFor(p.Due)
 	}
 }
 
