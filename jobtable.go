@@ -105,6 +105,20 @@ func WithQueues(queues ...string) Option {
 	}
 }
 
+// Validate reports, without a server, whether t could describe any table:
+// it returns an error wrapping ErrInvalidJobTable for column names
+// PostgreSQL cannot hold, RunAtTimeZone without RunAt, and Pending text
+// that could end the statement it is written into (a semicolon, a
+// comment, a dollar sign, a backslash, an unterminated quote or unbalanced
+// parentheses). The server checks the rest against the table when a watch
+// starts or the triggers are installed.
+func (t JobTable) Validate() error {
+	if t == IHPJobTable {
+		return nil
+	}
+	return checkJobTable(t)
+}
+
 // maxQueueTag is the longest queue name, in bytes, a notification names:
 // a job of a queue with a longer name is announced as "poll", which every
 // watch of the table follows.

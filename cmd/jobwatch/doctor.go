@@ -15,15 +15,19 @@ import (
 // doctorCommand runs jobwatch.Diagnose and prints one line per check, or
 // a JSON document.
 func doctorCommand(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("doctor", "TABLE [-url URL] [-listener-url URL] [-json] [-timeout D]",
+	fs := newFlagSet("doctor", "TABLE [-url URL] [-listener-url URL] [-json] [-timeout D] [-pending COND] [-run-at COL] [-run-at-zone ZONE] [-queue COL]",
 		"Checks everything jobwatch knows can keep workers from being woken, and prints\n"+
 			"one line per check, OK, WARN or FAIL, with what to do. Exit codes: 0 every\n"+
 			"check OK, 1 some warn, 2 one fails, 3 nothing could be checked (the server\n"+
-			"did not answer, or -timeout passed first), 64 bad arguments.")
+			"did not answer, or -timeout passed first), 64 bad arguments. A description\n"+
+			"the server refuses against the table fails the table check (2); one refused\n"+
+			"before it is read (a semicolon, a comment, an unbalanced quote) is a bad\n"+
+			"argument (64)."+jobTableHelp)
 	url := fs.String("url", "", "connection string of the workers' pool (default DATABASE_URL, else pgx's defaults)")
 	listenerURL := fs.String("listener-url", "", "connection string of the workers' Listener, when it differs (default: -url)")
 	timeout := fs.Duration("timeout", 30*time.Second, "give up after this long")
 	asJSON := fs.Bool("json", false, "print a JSON document instead of lines")
+	jobTable := jobTableFlags(fs)
 	table, code := parse(fs, args, stderr)
 	if code >= 0 {
 		return code
@@ -44,7 +48,7 @@ func doctorCommand(ctx context.Context, args []string, stdout, stderr io.Writer)
 		return exitUsage
 	}
 	defer pool.Close()
-	findings, err := jobwatch.Diagnose(ctx, pool, *listenerURL, table)
+	findings, err := jobwatch.Diagnose(ctx, pool, *listenerURL, table, jobwatch.WithJobTable(jobTable()))
 	var notChecked error
 	switch {
 	case errors.Is(err, context.DeadlineExceeded) || errors.Is(err, context.Canceled):

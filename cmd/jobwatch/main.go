@@ -2,10 +2,18 @@
 // SQL for a migration, diagnoses why workers are not woken, and shows a
 // table's notifications as they happen.
 //
-//	jobwatch sql TABLE [-format plain|goose|migrate] [-gate=false] [-down]
-//	jobwatch doctor TABLE [-url URL] [-listener-url URL] [-json] [-timeout D]
-//	jobwatch tail TABLE [-url URL]
+//	jobwatch sql TABLE [-format plain|goose|migrate] [-gate=false] [-down] [DESCRIPTION]
+//	jobwatch doctor TABLE [-url URL] [-listener-url URL] [-json] [-timeout D] [DESCRIPTION]
+//	jobwatch tail TABLE [-url URL] [DESCRIPTION] [-queues A,B]
 //	jobwatch version
+//
+// DESCRIPTION describes a job table other than IHP's, a jobwatch.JobTable:
+// -pending COND, -run-at COL, -run-at-zone ZONE, -queue COL. Without any of
+// them the table is IHP's (jobwatch.IHPJobTable); with any, the fields not
+// given are "", so a table with a due-time column needs -run-at. A
+// description refused before the server reads it (a semicolon, a comment,
+// an unbalanced quote) is a bad argument; one the server refuses against
+// the table fails doctor's table check, and is an error for tail.
 //
 // Exit codes, as pg_isready's, for scripts: doctor exits 0 when every
 // check is OK, 1 when some only warn, 2 when one fails (workers are not
@@ -34,6 +42,9 @@ import (
 	"strings"
 	"sync"
 	"syscall"
+	"unicode/utf8"
+
+	"github.com/jobwatch-go/jobwatch"
 )
 
 func main() {
@@ -63,8 +74,9 @@ Usage:
   jobwatch tail TABLE [flags]           print the table's notifications as they come
   jobwatch version                      print the version
 
-Connection: -url, else DATABASE_URL, else pgx's defaults. Run
-"jobwatch COMMAND -h" for a command's flags.
+Connection: -url, else DATABASE_URL, else pgx's defaults. Job table: IHP's,
+unless -pending, -run-at, -run-at-zone or -queue describe another (sql, doctor
+and tail; give each the same). Run "jobwatch COMMAND -h" for a command's flags.
 `
 
 // run runs one command and returns the process's exit code.
@@ -143,6 +155,53 @@ func newFlagSet(name, synopsis, about string) *flag.FlagSet {
 		fs.PrintDefaults()
 	}
 	return fs
+}
+
+// jobTableHelp ends the help of the commands that take jobTableFlags.
+const jobTableHelp = "\n\nThe job table is IHP's (jobwatch.IHPJobTable) unless -pending, -run-at,\n" +
+	"-run-at-zone or -queue is given: then it is the jobwatch.JobTable they describe,\n" +
+	"the fields not given empty (give -run-at for a due-time column). Give sql, doctor,\n" +
+	"tail and the workers the same description."
+
+// jobTableFlags defines on fs the flags that describe the job table (see
+// jobwatch.JobTable). The func it returns, once fs is parsed, gives the
+// description: jobwatch.IHPJobTable when none of the flags was given, else
+// the JobTable of those that were, the others "".
+func jobTableFlags(fs *flag.FlagSet) func() jobwatch.JobTable {
+	var t jobwatch.JobTable
+	fs.StringVar(&t.Pending, "pending", "", "`condition` over the table's own columns that holds while a job waits, as in CREATE INDEX ... WHERE\n"+
+		"(JobTable.Pending; \"\": every row waits)")
+	fs.StringVar(&t.RunAt, "run-at", "", "the due-time `column`, timestamptz or timestamp (JobTable.RunAt; \"\": every pending row is due at once)")
+	fs.StringVar(&t.RunAtTimeZone, "run-at-zone", "", "the time `zone` a timestamp-without-time-zone -run-at is written in, e.g. UTC (JobTable.RunAtTimeZone)")
+	fs.StringVar(&t.Queue, "queue", "", "the queue `column`, of a string type (JobTable.Queue)")
+	return func() jobwatch.JobTable {
+		given := false
+		fs.Visit(func(f *flag.Flag) {
+			switch f.Name {
+			case "pending", "run-at", "run-at-zone", "queue":
+				given = true
+			}
+		})
+		if !given {
+			return jobwatch.IHPJobTable
+		}
+		return t
+	}
+}
+
+// checkJobTable returns the library's error, without a server, for a
+// description that no table could be watched with, or for queues that are
+// not names.
+func checkJobTable(t jobwatch.JobTable, queues []string) error {
+	if err := t.Validate(); err != nil {
+		return err
+	}
+	for _, q := range queues {
+		if strings.IndexByte(q, 0) >= 0 || !utf8.ValidString(q) {
+			return fmt.Errorf("%w: -queues: WithQueues(%q): not valid UTF-8 text without NUL", jobwatch.ErrInvalidOption, q)
+		}
+	}
+	return nil
 }
 
 // fail prints err for command, on one line and without the library's

@@ -337,3 +337,220 @@ func TestTailCommand(t *testing.T) {
 	assert.Equal(t, exitOK, <-done)
 	assert.Empty(t, errOut.String())
 }
+
+// gueTable is a gue-like job table: done jobs are deleted, each has a due
+// time and a queue.
+const gueTable = `CREATE TABLE gue_jobs (job_id text PRIMARY KEY, run_at timestamptz NOT NULL, queue text NOT NULL DEFAULT '')`
+
+// gueDescription is its description, as flags and as a JobTable.
+var (
+	gueFlags = []string{"-run-at", "run_at", "-queue", "queue"}
+	gueJobs  = jobwatch.JobTable{RunAt: "run_at", Queue: "queue"}
+)
+
+// TestJobTableUsage: the description flags' bad arguments, found without a
+// server.
+func TestJobTableUsage(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		args []string
+		out  string // in stderr
+	}{
+		{[]string{"sql", "-pending", "a; DROP TABLE x", "jobs"}, "jobwatch sql: invalid job table description: "},
+		{[]string{"sql", "-pending", "a = 'b", "jobs"}, "unterminated ' quote"},
+		{[]string{"sql", "-run-at-zone", "UTC", "jobs"}, "RunAtTimeZone without a RunAt column"},
+		{[]string{"doctor", "-url", "postgres://127.0.0.1:1/x", "-run-at", "run_at", "-pending", "true -- x", "jobs"}, "comments are not accepted"},
+		{[]string{"tail", "-run-at", "run_at", "-queues", "a,b", "jobs"}, "jobwatch tail: -queues needs -queue"},
+		{[]string{"tail", "-queues", "a", "jobs"}, "-queues needs -queue"},
+		{[]string{"tail", "-pending", "(a", "jobs"}, "unbalanced parentheses"},
+		{[]string{"tail", "-queue", "queue", "-queues", "a\xff", "jobs"}, "WithQueues"},
+	} {
+		stdout, stderr, code := jobwatchCmd(c.args...)
+		assert.Equal(t, exitUsage, code, "%q", c.args)
+		assert.Empty(t, stdout, "%q", c.args)
+		assert.Contains(t, stderr, c.out, "%q", c.args)
+		assert.Equal(t, 1, strings.Count(stderr, "\n"), "one line: %s", stderr)
+		assert.NotContains(t, stderr, "poll jobs", "%q: the check's own words", c.args)
+	}
+	for _, cmd := range []string{"sql", "doctor", "tail"} {
+		_, help, code := jobwatchCmd(cmd, "-h")
+		assert.Equal(t, exitOK, code)
+		for _, f := range []string{"-pending", "-run-at", "-run-at-zone", "-queue", "jobwatch.IHPJobTable"} {
+			assert.Contains(t, help, f, "%s -h", cmd)
+		}
+		assert.Equal(t, cmd == "tail", strings.Contains(help, "-queues"), "%s -h", cmd)
+	}
+}
+
+// TestSQLCommandJobTable: with a description, sql prints
+// CreateNotificationTriggerSQLFor's script, which installs working
+// triggers; with none of the flags, IHP's (TestSQLCommand).
+func TestSQLCommandJobTable(t *testing.T) {
+	t.Parallel()
+	_, pool := database(t)
+	exec(t, pool, gueTable)
+	up, stderr, code := jobwatchCmd(append(append([]string{"sql"}, gueFlags...), "gue_jobs")...)
+	require.Equal(t, exitOK, code, stderr)
+	assert.Equal(t, jobwatch.CreateNotificationTriggerSQLFor("gue_jobs", gueJobs)+";\n", up)
+	assert.NotEqual(t, jobwatch.CreateNotificationTriggerSQL("gue_jobs")+";\n", up)
+	exec(t, pool, up)
+	healthy, err := jobwatch.NotificationTriggersHealthy(context.Background(), pool, "gue_jobs")
+	require.NoError(t, err)
+	assert.True(t, healthy)
+
+	// Every field, and -gate, reach the script.
+	args := []string{"sql", "-gate=false", "-pending", "queue <> ''", "-run-at", "run_at", "-run-at-zone", "UTC", "-queue", "queue", "gue_jobs"}
+	all, _, code := jobwatchCmd(args...)
+	require.Equal(t, exitOK, code)
+	assert.Equal(t, jobwatch.CreateNotificationTriggerSQLWith("gue_jobs", jobwatch.WithNotifyGate(false),
+		jobwatch.WithJobTable(jobwatch.JobTable{Pending: "queue <> ''", RunAt: "run_at", RunAtTimeZone: "UTC", Queue: "queue"}))+";\n", all)
+
+	// A flag given empty is a description: every row pending, due at once.
+	empty, _, code := jobwatchCmd("sql", "-pending", "", "gue_jobs")
+	require.Equal(t, exitOK, code)
+	assert.Equal(t, jobwatch.CreateNotificationTriggerSQLFor("gue_jobs", jobwatch.JobTable{})+";\n", empty)
+
+	goose, _, code := jobwatchCmd(append(append([]string{"sql", "-format", "goose"}, gueFlags...), "gue_jobs")...)
+	require.Equal(t, exitOK, code)
+	assert.Contains(t, goose, up)
+}
+
+// TestDoctorJobTable: the doctor reads the description against the table
+// and checks the triggers were made for it.
+func TestDoctorJobTable(t *testing.T) {
+	t.Parallel()
+	url, pool := database(t)
+	exec(t, pool, gueTable)
+	exec(t, pool, jobwatch.CreateNotificationTriggerSQLFor("gue_jobs", gueJobs))
+
+	args := append([]string{"-url", url}, gueFlags...)
+	lines, code := doctorLines(t, append(args, "gue_jobs")...)
+	assert.Equal(t, exitOK, code)
+	assert.Len(t, lines, 8, "one line per check")
+	assert.Contains(t, lines["table"], `described as {`)
+	assert.Contains(t, lines["table"], `"queue"`)
+	for check, line := range lines {
+		assert.Equal(t, "OK", statusOf(lines, check), line)
+	}
+
+	// IHP's description, the default, is not this table's.
+	lines, code = doctorLines(t, "-url", url, "gue_jobs")
+	assert.Equal(t, exitFail, code)
+	assert.Equal(t, "FAIL", statusOf(lines, "table"))
+
+	// Another description: the triggers were not made for it.
+	lines, code = doctorLines(t, append(args, "-pending", "queue = 'x'", "gue_jobs")...)
+	assert.Equal(t, exitFail, code)
+	assert.Equal(t, "OK", statusOf(lines, "table"))
+	assert.Equal(t, "FAIL", statusOf(lines, "triggers"))
+	assert.Contains(t, lines["triggers"], "made for another job table description")
+
+	// One the server refuses against the table fails the table check.
+	lines, code = doctorLines(t, append(args, "-pending", "now() > run_at", "gue_jobs")...)
+	assert.Equal(t, exitFail, code)
+	assert.Equal(t, "FAIL", statusOf(lines, "table"))
+	assert.Contains(t, lines["table"], "cannot be watched")
+	lines, code = doctorLines(t, "-url", url, "-run-at", "no_such_column", "gue_jobs")
+	assert.Equal(t, exitFail, code)
+	assert.Equal(t, "FAIL", statusOf(lines, "table"))
+
+	// One refused before the server reads it is a bad argument.
+	_, stderr, code := jobwatchCmd(append([]string{"doctor"}, append(args, "-pending", "true; SELECT 1", "gue_jobs")...)...)
+	assert.Equal(t, exitUsage, code)
+	assert.Contains(t, stderr, "invalid job table description")
+
+	// -json names the description in the table finding too.
+	stdout, _, code := jobwatchCmd(append([]string{"doctor", "-json"}, append(args, "gue_jobs")...)...)
+	assert.Equal(t, exitOK, code)
+	assert.Contains(t, stdout, `described as {`)
+}
+
+// TestTailCommandQueues: tail with a description prints the queue of each
+// notification, and with -queues only its queues' (and those that name
+// none).
+func TestTailCommandQueues(t *testing.T) {
+	t.Parallel()
+	url, pool := database(t)
+	exec(t, pool, gueTable)
+	exec(t, pool, jobwatch.CreateNotificationTriggerSQLFor("gue_jobs", gueJobs))
+	ctx, cancel := context.WithCancel(context.Background())
+	var out, errOut syncBuffer
+	done := make(chan int)
+	args := append(append([]string{"tail", "-url", url}, gueFlags...), "-queues", "emails,", "gue_jobs")
+	go func() { done <- run(ctx, args, &out, &errOut) }()
+	waitFor := func(what string) {
+		t.Helper()
+		deadline := time.Now().Add(15 * time.Second)
+		for !strings.Contains(out.String(), what) {
+			require.True(t, time.Now().Before(deadline), "no %q in:\n%s\n%s", what, out.String(), errOut.String())
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	waitFor(`listening on job_available_gue_jobs for queue(s) ["emails" ""]`)
+	exec(t, pool, `INSERT INTO gue_jobs VALUES ('1', now(), 'reports')`)
+	exec(t, pool, `INSERT INTO gue_jobs VALUES ('2', now(), 'emails')`)
+	waitFor(`1 job due in queue "emails" (gated)`)
+	exec(t, pool, `INSERT INTO gue_jobs VALUES ('3', now(), '')`)
+	waitFor(`1 job due in queue "" (gated)`)
+	exec(t, pool, `INSERT INTO gue_jobs VALUES ('4', now() + interval '1 hour', 'emails')`)
+	waitFor(`in queue "emails" (gated)`)
+	waitFor("next job due at ")
+	cancel()
+	assert.Equal(t, exitOK, <-done)
+	assert.Empty(t, errOut.String())
+	assert.NotContains(t, out.String(), "reports", "another queue's job")
+	t.Logf("jobwatch tail:\n%s", out.String())
+}
+
+// TestTailCommandJobTable: tail with a description prints every queue's
+// notifications, and has the server read the description first.
+func TestTailCommandJobTable(t *testing.T) {
+	t.Parallel()
+	url, pool := database(t)
+	exec(t, pool, gueTable)
+	args := append([]string{"tail", "-url", url}, gueFlags...)
+
+	// Refused by the server: an error, before listening.
+	_, stderr, code := jobwatchCmd(append(args, "-pending", "now() > run_at", "gue_jobs")...)
+	assert.Equal(t, exitError, code)
+	assert.True(t, strings.HasPrefix(stderr, "jobwatch tail: the job table description cannot be watched"), stderr)
+	assert.Equal(t, 1, strings.Count(stderr, "\n"), "one line: %s", stderr)
+	_, stderr, code = jobwatchCmd(append(args, "no_such_table")...)
+	assert.Equal(t, exitError, code)
+	assert.Contains(t, stderr, "no_such_table does not exist")
+
+	// Triggers made for IHP's table's description: said, then listened.
+	exec(t, pool, jobwatch.CreateNotificationTriggerSQLFor("gue_jobs", jobwatch.JobTable{RunAt: "run_at"}))
+	ctx, cancel := context.WithCancel(context.Background())
+	var out, errOut syncBuffer
+	done := make(chan int)
+	go func() { done <- run(ctx, append(args, "gue_jobs"), &out, &errOut) }()
+	deadline := time.Now().Add(15 * time.Second)
+	for !strings.Contains(out.String(), "listening on job_available_gue_jobs (Ctrl-C to stop)") {
+		require.True(t, time.Now().Before(deadline), "not listening:\n%s\n%s", out.String(), errOut.String())
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	assert.Equal(t, exitOK, <-done)
+	assert.Contains(t, errOut.String(), "made for another job table description")
+	assert.Equal(t, 1, strings.Count(errOut.String(), "\n"), "one line: %s", errOut.String())
+
+	// With this description's triggers, every queue is shown.
+	exec(t, pool, jobwatch.CreateNotificationTriggerSQLFor("gue_jobs", gueJobs))
+	ctx, cancel = context.WithCancel(context.Background())
+	out, errOut = syncBuffer{}, syncBuffer{}
+	go func() { done <- run(ctx, append(args, "gue_jobs"), &out, &errOut) }()
+	deadline = time.Now().Add(15 * time.Second)
+	for !strings.Contains(out.String(), "listening on") {
+		require.True(t, time.Now().Before(deadline), "not listening:\n%s\n%s", out.String(), errOut.String())
+		time.Sleep(5 * time.Millisecond)
+	}
+	exec(t, pool, `INSERT INTO gue_jobs VALUES ('1', now(), 'reports'), ('2', now(), 'reports')`)
+	for !strings.Contains(out.String(), `2 jobs due in queue "reports"`) {
+		require.True(t, time.Now().Before(deadline), "no notification:\n%s\n%s", out.String(), errOut.String())
+		time.Sleep(5 * time.Millisecond)
+	}
+	cancel()
+	assert.Equal(t, exitOK, <-done)
+	assert.Empty(t, errOut.String())
+}

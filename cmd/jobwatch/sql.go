@@ -11,17 +11,20 @@ import (
 // sqlCommand prints the script that installs (or, with -down, removes) a
 // table's notification triggers, in the format of a migration tool.
 func sqlCommand(_ context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("sql", "TABLE [-format plain|goose|migrate] [-gate=false] [-down]",
+	fs := newFlagSet("sql", "TABLE [-format plain|goose|migrate] [-gate=false] [-down] [-pending COND] [-run-at COL] [-run-at-zone ZONE] [-queue COL]",
 		"Prints the SQL that installs the notification triggers of TABLE, exactly as\n"+
-			"jobwatch.CreateNotificationTriggerSQL returns it: idempotent, one statement. Run\n"+
-			"it as the table's owner (or a superuser). Formats:\n"+
+			"jobwatch.CreateNotificationTriggerSQL returns it (CreateNotificationTriggerSQLFor\n"+
+			"the description, when given): idempotent, one statement. Run it as the table's\n"+
+			"owner (or a superuser); it fails, installing nothing, when the server refuses\n"+
+			"the description. Formats:\n"+
 			"  plain    the statement, for psql or golang-migrate (one file up, one -down)\n"+
 			"  migrate  the same: golang-migrate runs a file as one multi-statement script\n"+
 			"  goose    one goose file, up and down, each statement between StatementBegin\n"+
-			"           and StatementEnd (goose cannot split a DO block itself)")
+			"           and StatementEnd (goose cannot split a DO block itself)"+jobTableHelp)
 	format := fs.String("format", "plain", "plain, migrate or goose")
 	gate := fs.Bool("gate", true, "install the triggers with the notify gate (jobwatch.WithNotifyGate); -gate=false: every transaction notifies")
 	down := fs.Bool("down", false, "print the SQL that removes them instead, for a down migration (plain and migrate)")
+	jobTable := jobTableFlags(fs)
 	table, code := parse(fs, args, stderr)
 	if code >= 0 {
 		return code
@@ -30,7 +33,12 @@ func sqlCommand(_ context.Context, args []string, stdout, stderr io.Writer) int 
 		fail(stderr, "sql", err)
 		return exitUsage
 	}
-	up := jobwatch.CreateNotificationTriggerSQLWith(table, jobwatch.WithNotifyGate(*gate)) + ";\n"
+	job := jobTable()
+	if err := checkJobTable(job, nil); err != nil {
+		fail(stderr, "sql", err)
+		return exitUsage
+	}
+	up := jobwatch.CreateNotificationTriggerSQLWith(table, jobwatch.WithNotifyGate(*gate), jobwatch.WithJobTable(job)) + ";\n"
 	drop := jobwatch.DropNotificationTriggerSQL(table) + ";\n"
 	switch *format {
 	case "plain", "migrate":
