@@ -93,7 +93,9 @@ func WithJobTable(t JobTable) Option {
 // It applies to the watch and poll functions, with a JobTable that has a
 // Queue column; without queues, or without that column, the call fails
 // with ErrInvalidOption. One Listener still serves every watch of a
-// process. Without WithQueues a watch wakes for every queue.
+// process. Without WithQueues a watch wakes for every queue. Jobs whose
+// queue is NULL are announced without one and wake every watch of the
+// table, whose polls do not count them.
 func WithQueues(queues ...string) Option {
 	return func(o *options) {
 		bad := len(queues) == 0

@@ -1,6 +1,8 @@
 package jobwatch_test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"strings"
 	"testing"
 	"time"
@@ -133,6 +135,12 @@ func TestJobTableDefaultIsIHPs(t *testing.T) {
 		assert.Equal(t, jobwatch.CreateNotificationTriggerSQL(table), jobwatch.CreateNotificationTriggerSQLFor(table, jobwatch.IHPJobTable))
 	}
 	assert.NotEqual(t, jobwatch.CreateNotificationTriggerSQL("jobs"), jobwatch.CreateNotificationTriggerSQLFor("jobs", jobwatch.JobTable{RunAt: "run_at"}))
+	// The scripts, with the gate and without, as the release before
+	// JobTable made them: installed triggers stay current.
+	hash := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
+	assert.Equal(t, "8369f846c9822dd8131104f0f9b919c0e8171f61c404f6f05318d77f0a021450", hash(jobwatch.CreateNotificationTriggerSQL("jobs")))
+	assert.Equal(t, "64a10f6d919286f911ab612d48607f0cf4cc92693f4763964065b79d396c8b60",
+		hash(jobwatch.CreateNotificationTriggerSQLWith("jobs", jobwatch.WithNotifyGate(false))))
 }
 
 // TestJobTableRefused: descriptions that cannot be watched are refused at
@@ -389,4 +397,25 @@ func TestJobTableGate(t *testing.T) {
 	assert.Zero(t, w.Stats().Notifications, "the skippers notified")
 	eventually(t, "the wake-up counted", func() bool { st := w.Stats(); return st.Wakeups.Gate+st.Wakeups.Poll == 1 })
 	require.NoError(t, tx.Commit(ctxT(t)))
+}
+
+// TestJobTableAppearsLater: a watch started before its table exists
+// installs the triggers for its description when the table appears, and
+// its polls find the jobs.
+func TestJobTableAppearsLater(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	w, ch, _ := d.watch(t, opt, watchSetup{table: "que_jobs", noTable: true, interval: 50 * time.Millisecond,
+		opts: []jobwatch.Option{jobwatch.WithJobTable(jobTableShapes[1].desc), jobwatch.WithInstallBackoff(20*time.Millisecond, 20*time.Millisecond)}})
+	d.exec(t, jobTableShapes[1].schema)
+	d.exec(t, "INSERT INTO que_jobs (run_at) VALUES (now())")
+	waitWake(t, ch, "the job, found by a poll")
+	eventually(t, "the triggers", func() bool { return triggersHealthy(t, d.pool, "que_jobs") })
+	d.exec(t, "DELETE FROM que_jobs")
+	drain(ch)
+	n := w.Stats().Notifications
+	d.exec(t, "INSERT INTO que_jobs (run_at) VALUES (NULL)")
+	waitWake(t, ch, "the job, notified")
+	assert.Greater(t, w.Stats().Notifications, n)
 }

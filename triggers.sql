@@ -82,6 +82,7 @@ Two rules hold everywhere below:
                 sent := sent + 1;
             END IF;
             PERFORM pg_catalog.pg_notify({{.ChannelFmt}}, pg_catalog.concat({{.Prefix}}, payload));
+            EXIT WHEN payload = '{{.PayloadPoll}}'; -- every watch looks at the table
         END LOOP;
         PERFORM pg_catalog.set_config({{.SettingFmt}}, pg_catalog.concat(sent, ' NaN'), true);
     END;
@@ -99,17 +100,17 @@ Two rules hold everywhere below:
         typ pg_catalog.text;
         category pg_catalog."char";
     BEGIN
+{{- if .PendingText}}
     BEGIN
         EXECUTE pg_catalog.format('CREATE TEMPORARY TABLE jobwatch_describe (LIKE %s)', tbl);
-{{- if .PendingText}}
         EXECUTE 'CREATE INDEX ON pg_temp.jobwatch_describe ((1)) WHERE (' || {{lit .PendingText}} || ')';
         SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) INTO pred FROM pg_catalog.pg_index i
          WHERE i.indrelid = 'pg_temp.jobwatch_describe'::pg_catalog.regclass;
-{{- end}}
         DROP TABLE pg_temp.jobwatch_describe;
     EXCEPTION WHEN syntax_error_or_access_rule_violation OR feature_not_supported OR data_exception THEN
         RAISE EXCEPTION 'jobwatch: table %: Pending % cannot be watched: %', {{lit .Raw}}, {{lit .PendingText}}, SQLERRM USING ERRCODE = '{{.InvalidCode}}';
     END;
+{{- end}}
     pred := coalesce(pred, 'true');
 {{- range .DescColumns}}
     SELECT pg_catalog.format_type(a.atttypid, NULL), t.typcategory INTO typ, category

@@ -87,8 +87,10 @@ func WatchForJob(ctx context.Context, pool *pgxpool.Pool, listener *Listener,
 //
 // It returns an error, and starts nothing, for a nil listener or pool, an
 // invalid table name, a nil or unbuffered channel, a poll interval that is
-// not positive, an option that does not apply (see Option), or a closed
-// Listener. The table need not exist yet.
+// not positive, an option that does not apply (see Option), a closed
+// Listener, or a JobTable (WithJobTable) that cannot be watched
+// (ErrInvalidJobTable; checked against the table when it exists, else
+// said in one log line when it appears). The table need not exist yet.
 func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	pool *pgxpool.Pool, listener *Listener, tableName string,
 	pollInterval time.Duration, wake chan<- Message, opts ...Option) (*Watch, error) {
