@@ -419,3 +419,20 @@ func TestJobTableAppearsLater(t *testing.T) {
 	waitWake(t, ch, "the job, notified")
 	assert.Greater(t, w.Stats().Notifications, n)
 }
+
+// TestJobTableRefusedLater: a description that does not fit a table that
+// appears after the watch started is said in one error line, and the
+// watch keeps trying.
+func TestJobTableRefusedLater(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	logs, opt := newLogs(t)
+	w, _, _ := d.watch(t, opt, watchSetup{table: "que_jobs", noTable: true, interval: 20 * time.Millisecond,
+		opts: []jobwatch.Option{jobwatch.WithJobTable(jobwatch.JobTable{RunAt: "due_at"}), jobwatch.WithInstallBackoff(20*time.Millisecond, 20*time.Millisecond)}})
+	d.exec(t, jobTableShapes[1].schema)
+	eventually(t, "the error", func() bool { return logs.lines("cannot be watched") == 1 })
+	polls := w.Stats().Polls
+	eventually(t, "more polls", func() bool { return w.Stats().Polls > polls+5 })
+	assert.Equal(t, 1, logs.lines("level=ERROR"), logs.String())
+	assert.ErrorIs(t, w.Stats().LastError, jobwatch.ErrInvalidJobTable)
+}

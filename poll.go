@@ -386,7 +386,9 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 		p.stats.setError(fmt.Errorf("poll %s: %w", p.names.table.raw, err))
 		key, level := err.Error(), slog.LevelError
 		var pgErr *pgconn.PgError
-		if errors.As(err, &pgErr) {
+		if errors.Is(err, ErrInvalidJobTable) && p.installer != nil {
+			level = slog.LevelDebug // the installer says it, once
+		} else if errors.As(err, &pgErr) {
 			key = pgErr.Code + pgErr.Message
 			if pgErr.Code == sqlstateUndefinedTable {
 				// A table that is not there yet: a warning, said by the
