@@ -86,8 +86,8 @@ func Diagnose(ctx context.Context, pool *pgxpool.Pool, listenerConnString, table
 	if err != nil {
 		return nil, fmt.Errorf("jobwatch: diagnose %s: %w", tableName, err)
 	}
-	l, err := NewListener(listenerConnString, WithLogger(slog.New(slog.DiscardHandler)),
-		WithHealthCheck(0, 0), WithDeliveryCheck(0, defaultDeliveryTimeout))
+	l, err := parseListener(listenerConnString, []Option{WithLogger(slog.New(slog.DiscardHandler)),
+		WithHealthCheck(0, 0), WithDeliveryCheck(0, defaultDeliveryTimeout)})
 	if err != nil {
 		return nil, fmt.Errorf("jobwatch: diagnose %s: %w", tableName, err)
 	}

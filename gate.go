@@ -73,7 +73,8 @@ const (
 	gateHot = 2 * time.Second
 )
 
-// gateState is what a poller last saw of the gate, under its lock.
+// gateState is what a poller last saw of the gate, under its lock, but
+// for on, which is set before the poller starts and never changes.
 type gateState struct {
 	on        bool      // the poller follows the gate (a watch of gated triggers)
 	checked   bool      // a check or poll has run
@@ -117,12 +118,28 @@ func (p *Poller) gateSoon() {
 // and polls when it calls for one.
 func (p *Poller) gateChecked(open bool, skips int64, readable bool) {
 	p.mu.Lock()
-	poll := p.gateSeenLocked(open, skips, readable)
+	poll, blindChanged := p.gateSeenLocked(open, skips, readable)
 	if poll {
 		p.sched.gateNow = true
 	}
 	p.mu.Unlock()
+	p.logBlind(blindChanged, readable)
 	p.signal()
+}
+
+// logBlind says, when it changed, whether this role can read the skip
+// counter. Never under p.mu: the logger is the caller's.
+func (p *Poller) logBlind(changed, readable bool) {
+	switch {
+	case !changed:
+	case !readable:
+		p.gateProblems.report(slog.LevelError, "gate blind",
+			"jobwatch: cannot read the notify gate's skip counter: jobs whose transactions skipped their NOTIFY are found by polling every fallback interval. "+
+				"Fix: GRANT SELECT ON SEQUENCE to this role, or install the triggers WithNotifyGate(false)",
+			"table", p.names.table.raw, "counter", p.names.counter)
+	default:
+		p.gateProblems.clear("jobwatch: the notify gate's skip counter can be read again", "table", p.names.table.raw)
+	}
 }
 
 // gateSeenLocked records what a check or a poll saw of the gate and
@@ -131,20 +148,13 @@ func (p *Poller) gateChecked(open bool, skips int64, readable bool) {
 // since; while one stays open every look polls, so that the others' jobs
 // are not held up by it). While one is open it asks for a poll after the
 // trail delay. A counter this role may not read leaves skipped jobs to
-// the polls: it is said once, and the watch polls at its fallback
-// interval meanwhile. p.mu is held.
-func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) bool {
+// the polls: the caller says so once (logBlind, told by blindChanged),
+// and the watch polls at its fallback interval meanwhile. p.mu is held.
+func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) (poll, blindChanged bool) {
 	g := &p.gate
-	if !readable && !g.blind {
-		p.problems.report(slog.LevelError, "gate blind",
-			"jobwatch: cannot read the notify gate's skip counter: jobs whose transactions skipped their NOTIFY are found by polling every fallback interval. "+
-				"Fix: GRANT SELECT ON SEQUENCE to this role, or install the triggers WithNotifyGate(false)",
-			"table", p.names.table.raw, "counter", p.names.counter)
-	} else if readable && g.blind {
-		p.problems.clear("jobwatch: the notify gate's skip counter can be read again", "table", p.names.table.raw)
-	}
+	blindChanged = g.blind == readable
 	g.blind = !readable
-	poll := g.open || (g.checked && skips != g.skips)
+	poll = g.open || (g.checked && skips != g.skips)
 	now := time.Now()
 	if poll || open {
 		g.skippedAt = now
@@ -155,7 +165,7 @@ func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) bool {
 	} else {
 		g.trail.reset()
 	}
-	return poll
+	return poll, blindChanged
 }
 
 // gateCheck is a Listener's periodic look at the gates of the tables its

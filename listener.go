@@ -21,8 +21,9 @@ type Notification struct {
 
 // Listener owns one dedicated connection that LISTENs on any number of
 // channels for any number of subscribers, like IHP's PGListener. It
-// connects on Start or the first Subscribe. When the connection is lost it
-// retries at once, then with a delay doubling from 0.5s to 60s; after
+// connects on Start or the first Subscribe. When a connection that served
+// for 5s or more is lost it retries at once, otherwise after a delay
+// doubling from 0.5s to 60s; after
 // every successful connect it replays every LISTEN and then runs the
 // OnReconnect callbacks. It checks the connection end to end at an
 // interval (see WithHealthCheck) and reconnects when the check fails.
@@ -80,11 +81,20 @@ type listenWaiter struct {
 // connection string that cannot be parsed, and one wrapping
 // ErrInvalidOption for an option that does not apply to a Listener.
 func NewListener(connString string, opts ...Option) (*Listener, error) {
+	l, err := parseListener(connString, opts)
+	if err != nil {
+		return nil, fmt.Errorf("jobwatch: %w", err)
+	}
+	return l, nil
+}
+
+// parseListener is NewListener, its errors without the package's prefix.
+func parseListener(connString string, opts []Option) (*Listener, error) {
 	// Parsed as a pool configuration so that the string given to pgxpool,
 	// pool_* settings included, works here too.
 	config, err := pgxpool.ParseConfig(connString)
 	if err != nil {
-		return nil, fmt.Errorf("jobwatch: listener: parse connection string: %w", err)
+		return nil, fmt.Errorf("listener: parse connection string: %w", err)
 	}
 	return newListener(config.ConnConfig, opts)
 }
@@ -96,13 +106,17 @@ func NewListenerConfig(config *pgx.ConnConfig, opts ...Option) (*Listener, error
 	if config == nil {
 		return nil, errors.New("jobwatch: listener: nil config")
 	}
-	return newListener(config.Copy(), opts)
+	l, err := newListener(config.Copy(), opts)
+	if err != nil {
+		return nil, fmt.Errorf("jobwatch: %w", err)
+	}
+	return l, nil
 }
 
 func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 	o, err := buildOptions(scopeListener, opts)
 	if err != nil {
-		return nil, fmt.Errorf("jobwatch: listener: %w", err)
+		return nil, fmt.Errorf("listener: %w", err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	var id [8]byte

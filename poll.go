@@ -41,8 +41,11 @@ type Poller struct {
 	reconnects int           // Listener reconnects not yet caught up on
 	offset     time.Duration // the server's clock minus ours, as the last poll saw it
 	gate       gateState
-	problems   problemLog
-	stopOnce   sync.Once
+	problems   problemLog // the polls'
+	// gateProblems says whether this role can read the notify gate's skip
+	// counter: a problem of its own, which a good poll does not end.
+	gateProblems problemLog
+	stopOnce     sync.Once
 	// WithClockSkew's polls after a wake-up: until recheckEnd, after a
 	// doubling delay, while jobs are due.
 	recheck    backoff
@@ -135,21 +138,22 @@ func newPoller(pool *pgxpool.Pool, n names, sh *shape, interval time.Duration, o
 	table := n.table.quoted()
 	queryCtx, abort := context.WithCancel(context.Background())
 	p := &Poller{
-		pool:      pool,
-		names:     n,
-		shape:     sh,
-		opts:      o,
-		stats:     stats,
-		repair:    repair && inst != nil,
-		installer: inst,
-		fallback:  o.fallbackPoll,
-		stop:      make(chan struct{}),
-		done:      make(chan struct{}),
-		kick:      make(chan struct{}, 1),
-		queryCtx:  queryCtx,
-		abort:     abort,
-		problems:  problemLog{log: o.logger, remind: pollRemind},
-		recheck:   backoff{min: recheckFirst, max: max(o.clockSkew, recheckFirst)},
+		pool:         pool,
+		names:        n,
+		shape:        sh,
+		opts:         o,
+		stats:        stats,
+		repair:       repair && inst != nil,
+		installer:    inst,
+		fallback:     o.fallbackPoll,
+		stop:         make(chan struct{}),
+		done:         make(chan struct{}),
+		kick:         make(chan struct{}, 1),
+		queryCtx:     queryCtx,
+		abort:        abort,
+		problems:     problemLog{log: o.logger, remind: pollRemind},
+		gateProblems: problemLog{log: o.logger, remind: pollRemind},
+		recheck:      backoff{min: recheckFirst, max: max(o.clockSkew, recheckFirst)},
 	}
 	if !n.custom() {
 		// The limit is the channel's capacity, a constant, so the statement
@@ -408,12 +412,16 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 	// taken: a skipper that committed in between counts as ended, its job
 	// unseen. Its skip moved the counter, though: one more poll, whose
 	// snapshot comes later, finds it.
-	skipped := p.gate.on && p.gateSeenLocked(open, skips, readable)
+	var skipped, blindChanged bool
+	if p.gate.on {
+		skipped, blindChanged = p.gateSeenLocked(open, skips, readable)
+	}
 	if skipped {
 		earlier(&p.sched.trailAt, time.Now().Add(gateTrail))
 	}
 	p.offset = unixSeconds(server).Sub(start.Add(end.Sub(start) / 2))
 	p.mu.Unlock()
+	p.logBlind(blindChanged, readable)
 	// Never more than the channel has room for: a woken worker fetches
 	// until nothing is due, so wake-ups beyond that would only be dropped.
 	if trailOnly && skipped {

@@ -2,10 +2,13 @@ package jobwatch
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // TestProblemLogPassing: a brief condition (a lock held for a moment)
@@ -39,5 +42,15 @@ func TestProblemLogPassing(t *testing.T) {
 	p.report(slog.LevelError, "permission", "may not")
 	if n := lines("level=ERROR msg=\"may not\""); n != 2 {
 		t.Errorf("a new problem after a cleared one is said: %d lines, want 2:\n%s", n, buf.String())
+	}
+}
+
+// TestDiagnoseErrorOnePrefix: Diagnose's error for a connection string
+// that cannot be parsed says "jobwatch: " once, then the steps.
+func TestDiagnoseErrorOnePrefix(t *testing.T) {
+	_, err := Diagnose(context.Background(), &pgxpool.Pool{}, "host=x port=notaport", "jobs")
+	if err == nil || strings.Count(err.Error(), "jobwatch: ") != 1 ||
+		!strings.HasPrefix(err.Error(), "jobwatch: diagnose jobs: listener: parse connection string: ") {
+		t.Fatalf("got %v", err)
 	}
 }

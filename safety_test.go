@@ -447,6 +447,11 @@ func TestRevokedCounterGrant(t *testing.T) {
 	require.NoError(t, tx.Rollback(ctxT(t)))
 	assert.Zero(t, w.Stats().PollErrors, lg.String())
 	assert.Equal(t, 1, lg.count("cannot read the notify gate's skip counter"), lg.String())
+	assert.Zero(t, lg.count("polling works again"), "no poll failed")
+
+	// Granted again: said once, by the Listener's next look at the gate.
+	d.exec(t, "GRANT SELECT, USAGE ON SEQUENCE jobwatch_skips_jobs TO "+worker)
+	eventually(t, "the grant seen", func() bool { return lg.count("skip counter can be read again") == 1 })
 }
 
 // TestNameTakenByAnotherRole: in a schema every role may write to,
