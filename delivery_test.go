@@ -41,7 +41,7 @@ func newPool(t *testing.T, url string) *pgxpool.Pool {
 var fastCheck = jobwatch.WithDeliveryCheck(100*time.Millisecond, 500*time.Millisecond)
 
 // TestPoolThroughTransactionModePgBouncer: the pool goes through PgBouncer
-// in transaction mode (with the README's exec mode), the Listener
+// in transaction mode (with the exec mode of docs/many-workers.md), the Listener
 // directly: installing, polling, notifying and the delivery check all
 // work, and nothing is logged as an error.
 func TestPoolThroughTransactionModePgBouncer(t *testing.T) {
@@ -86,11 +86,7 @@ func TestListenerThroughTransactionModeDetected(t *testing.T) {
 	settle(t, w, ch)
 	require.True(t, l.Stats().Connected, "the Listener believes it is connected")
 
-	deadline := time.Now().Add(30 * time.Second)
-	for w.Stats().NotificationsWorking {
-		require.True(t, time.Now().Before(deadline), "not detected within 30s")
-		time.Sleep(10 * time.Millisecond)
-	}
+	eventuallyWithin(t, 30*time.Second, "the pooler detected", func() bool { return !w.Stats().NotificationsWorking })
 	t.Logf("transaction-mode pooler in front of the Listener detected after %v (default settings)", time.Since(start).Round(time.Millisecond))
 	assert.Equal(t, 1, lg.count("level=ERROR"), "one error")
 	assert.Contains(t, lg.String(), "pooler in transaction mode")

@@ -71,12 +71,13 @@ func TestListenerOnStandby(t *testing.T) {
 
 	// A refused LISTEN backs off like a refused connection, though the
 	// server answers (the delivery check sees the pool reach it every
-	// second): attempts at 0, 0.5, 1.5, 3.5 and 7.5s of a 10s window.
-	attempts := p.connections()
-	<-time.After(10 * time.Second) // the window measured
-	attempts = p.connections() - attempts
-	t.Logf("%d connection attempts in 10s", attempts)
-	assert.LessOrEqual(t, attempts, 5, "backing off")
+	// second): the delays double from 0.5s, so of the next three attempts
+	// the last two come at least 1+2s after the first (without a backoff
+	// they would come within milliseconds).
+	attempts, start := p.connections(), time.Now()
+	eventuallyWithin(t, time.Minute, "three more attempts", func() bool { return p.connections() >= attempts+3 })
+	t.Logf("3 connection attempts in %v", time.Since(start).Round(time.Millisecond))
+	assert.GreaterOrEqual(t, time.Since(start), 3*time.Second, "backing off")
 }
 
 // TestFailover: a watch whose Listener and pool follow the primary with a

@@ -78,7 +78,7 @@ func (t JobTable) String() string {
 // and Diagnose. Every process watching a table must use the same
 // description: the triggers are made for one, and a watch that finds them
 // made for another, once it has started, polls instead of replacing them
-// (see the README's "Any job table"). A description that cannot be watched
+// (see docs/job-tables.md). A description that cannot be watched
 // makes the call fail with ErrInvalidJobTable.
 func WithJobTable(t JobTable) Option {
 	return func(o *options) {

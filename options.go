@@ -195,7 +195,7 @@ func WithInstallBackoff(min, max time.Duration) Option {
 // table at the same time only one notifies, so concurrent producers are
 // not made to commit in single file; the others' jobs are woken a few
 // milliseconds after their commit under load, and within 500ms whatever
-// other transactions and roles do. The README's "How it works" tells how,
+// other transactions and roles do. docs/how-it-works.md tells how,
 // and what it costs. Off, every transaction that leaves a job pending
 // notifies. Use the same setting in every process that installs the
 // triggers of a table: each installation replaces the trigger function.

@@ -16,8 +16,8 @@ import (
 // waits up to a second for any other installer, creates what is missing
 // and enables what is disabled, in the table's own schema, taking the
 // table lock with NOWAIT; it never drops a trigger. It fails with a clear
-// message for a table that does not exist or lacks the job columns. The
-// README's "How it works" describes the triggers, their payloads and the
+// message for a table that does not exist or lacks the job columns.
+// docs/how-it-works.md describes the triggers, their payloads and the
 // notify gate.
 //
 // Every name is quoted; no table name can inject SQL. For a name that is not
