@@ -121,10 +121,10 @@ func ratio(a, b float64) string {
 
 func perSecond(n int, d time.Duration) float64 { return float64(n) / d.Seconds() }
 
-// watch watches table with l (poll interval an hour), waits for its first
-// poll and empties wake of what the start-up sent.
-func (b *bench) watch(l *jobwatch.Listener, table string, wake chan jobwatch.Message) (*jobwatch.Watch, error) {
-	w, err := jobwatch.WatchForJob(b.ctx, b.pool, l, table, time.Hour, wake, b.quiet)
+// watch watches table with l (poll interval an hour) and opts, waits for
+// its first poll and empties wake of what the start-up sent.
+func (b *bench) watch(l *jobwatch.Listener, table string, wake chan jobwatch.Message, opts ...jobwatch.Option) (*jobwatch.Watch, error) {
+	w, err := jobwatch.WatchForJob(b.ctx, b.pool, l, table, time.Hour, wake, append(opts, b.quiet)...)
 	if err != nil {
 		return nil, err
 	}

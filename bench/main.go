@@ -2,14 +2,15 @@
 // figure next to its floor from the same run, with River beside jobwatch
 // where the two do the same thing, measured the same way: end to end on
 // the client's clock, from the insert call's start to the handler's start,
-// one job at a time.
+// one job at a time; and gue (github.com/vgarvardt/gue) woken by jobwatch
+// beside gue alone.
 //
 //	cd bench && go run .               # DATABASE_URL, else pgx's defaults
 //	cd bench && go run . -quick        # fewer samples, for a smoke run
 //	cd bench && go run . -only e2e,producers
 //
 // It works in a scratch database it drops at the end. It is a module of its
-// own, so that the library never depends on River.
+// own, so that the library never depends on River or gue.
 package main
 
 import (
@@ -43,7 +44,9 @@ var steps = []struct {
 	{"e2e", (*bench).endToEnd},
 	{"burst", (*bench).burst},
 	{"scheduled", (*bench).scheduled},
+	{"gue", (*bench).gueLatency},
 	{"producers", (*bench).producers},
+	{"jobtable", (*bench).jobTableProducers},
 	{"fanin", (*bench).fanIn},
 	{"fleet", (*bench).fleet},
 	{"poll", (*bench).pollCost},

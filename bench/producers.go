@@ -226,6 +226,21 @@ func (b *bench) wakeUnderLoad(pool *pgxpool.Pool, dur time.Duration) error {
 // into table for dur and returns how many they inserted; with committed,
 // it reports each job's id and when its INSERT returned.
 func insertFor(ctx context.Context, pool *pgxpool.Pool, table string, dur time.Duration, committed func(id [16]byte, at time.Time)) (int, error) {
+	return produce(ctx, pool, dur, func(conn *pgxpool.Conn) error {
+		var id pgtype.UUID
+		if err := conn.QueryRow(ctx, "INSERT INTO "+table+" DEFAULT VALUES RETURNING id").Scan(&id); err != nil {
+			return err
+		}
+		if committed != nil {
+			committed(id.Bytes, time.Now())
+		}
+		return nil
+	})
+}
+
+// produce has producerConns connections each run insert, one transaction
+// a call, for dur and returns how many calls they made in all.
+func produce(ctx context.Context, pool *pgxpool.Pool, dur time.Duration, insert func(*pgxpool.Conn) error) (int, error) {
 	var total atomic.Int64
 	var first atomic.Pointer[error]
 	deadline := time.Now().Add(dur)
@@ -239,13 +254,9 @@ func insertFor(ctx context.Context, pool *pgxpool.Pool, table string, dur time.D
 			}
 			defer conn.Release()
 			for time.Now().Before(deadline) {
-				var id pgtype.UUID
-				if err := conn.QueryRow(ctx, "INSERT INTO "+table+" DEFAULT VALUES RETURNING id").Scan(&id); err != nil {
+				if err := insert(conn); err != nil {
 					first.CompareAndSwap(nil, &err)
 					return
-				}
-				if committed != nil {
-					committed(id.Bytes, time.Now())
 				}
 				total.Add(1)
 			}
