@@ -6,8 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"log/slog"
 	"math"
+	"strings"
 	"sync"
 	"time"
 
@@ -44,180 +44,106 @@ const deliveryRemind = 5 * time.Minute
 // deliveryRetry is how soon a lost probe is followed by a second one.
 const deliveryRetry = time.Second
 
-// poolGroup is what a Listener keeps for one pool its watches use: the
-// watches, whether notifications reach them (the delivery check's
-// finding, the one place that state lives), and the checks run for them.
-type poolGroup struct {
-	l        *Listener
-	pool     *pgxpool.Pool
-	problems problemLog
-	delivery *deliveryCheck // nil with the check off
-	gate     *gateCheck     // started by the first watch that follows a gate
-
-	mu        sync.Mutex
-	watches   map[*Watch]bool
-	working   bool
-	changedAt time.Time
-}
-
-// join adds w to the group of l and pool, starting it if w is the first,
-// and returns it; nil once the Listener is closed.
-func (l *Listener) join(pool *pgxpool.Pool, w *Watch) *poolGroup {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return nil
-	}
-	g := l.groups[pool]
-	if g == nil {
-		g = &poolGroup{
-			l: l, pool: pool, problems: problemLog{log: l.log, remind: deliveryRemind},
-			watches: map[*Watch]bool{}, working: true, changedAt: time.Now(),
-		}
-		if l.opts.deliveryInterval > 0 {
-			g.delivery = startDeliveryCheck(l.ctx, l, g)
-		}
-		l.groups[pool] = g
-	}
-	if g.gate == nil && w.poller.followsGate() {
-		g.gate = startGateCheck(l.ctx, l, g)
-	}
-	g.mu.Lock()
-	g.watches[w] = true
-	g.mu.Unlock()
-	return g
-}
-
-// members returns the group's watches.
-func (g *poolGroup) members() []*Watch {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	out := make([]*Watch, 0, len(g.watches))
-	for w := range g.watches {
-		out = append(out, w)
-	}
-	return out
-}
-
-// leave removes w; the last watch to leave stops the group's checks.
-func (g *poolGroup) leave(w *Watch) {
-	if g == nil {
-		return
-	}
-	l := g.l
-	l.mu.Lock()
-	g.mu.Lock()
-	delete(g.watches, w)
-	last := len(g.watches) == 0
-	g.mu.Unlock()
-	if last && l.groups[g.pool] == g {
-		delete(l.groups, g.pool)
-	}
-	l.mu.Unlock()
-	if last {
-		g.delivery.stop()
-		g.gate.stop()
-	}
-}
-
-// state returns whether notifications arrive and since when that holds.
-// A watch reads it whenever its poller plans, so no change is ever lost.
-func (g *poolGroup) state() (bool, time.Time) {
-	if g == nil {
-		return false, time.Time{}
-	}
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.working, g.changedAt
-}
-
-// set records whether notifications arrive and, on a change, logs it once
-// and has every watch's poller plan again. The line is logged first, so
-// that whoever sees the new state finds it logged; the watches are told
-// after the state is stored, and each reads it when it plans, so that a
-// watch joining meanwhile cannot keep the old one.
-func (g *poolGroup) set(working bool, cause string) {
-	if working {
-		g.problems.clear("jobwatch: notifications arrive again; polling at the normal interval")
-	} else {
-		g.problems.report(slog.LevelError, cause,
-			"jobwatch: notifications do not reach the Listener: jobs are found by polling every fallback interval until they do",
-			"cause", cause, "fallback_poll", fallbackOf(g.members()))
-	}
-	g.mu.Lock()
-	changed := g.working != working
-	if changed {
-		g.working, g.changedAt = working, time.Now()
-	}
-	g.mu.Unlock()
-	if changed {
-		for _, w := range g.members() {
-			w.poller.signal()
-		}
-	}
-}
-
-// connectionLost is called by the Listener when its connection goes.
-func (g *poolGroup) connectionLost() { g.delivery.nudge() }
-
-// listenerClosed is called by Close while watches still use the Listener:
-// nothing will reach them any more.
-func (g *poolGroup) listenerClosed() {
-	g.set(false, "the Listener was closed while watches still use it (close the watches first)")
-}
-
-func fallbackOf(watches []*Watch) time.Duration {
-	if len(watches) == 0 {
-		return defaultFallbackPoll
-	}
-	return watches[0].fallback
-}
-
-// probeTarget is what the delivery check needs of its Listener.
+// probeTarget is what the delivery check needs of its Listener: the
+// connection state it publishes, a subscription, and the hint that the
+// server can be reached again.
 type probeTarget interface {
 	connection() (connState, <-chan struct{})
-	probeChannel() string
-	expectProbe(token string) <-chan struct{}
-	forgetProbe(token string)
+	subscribe(ctx context.Context, channel string, callback func(Notification)) (*Subscription, error)
+	Unsubscribe(sub *Subscription)
 	retryNow()
 }
 
-// deliveryCheck is the check for one Listener and pool.
+// deliveryCheck is the check for one Listener and pool. Its probes go to
+// a channel of its own, to which it subscribes like any subscriber.
 type deliveryCheck struct {
 	target         probeTarget
 	pool           *pgxpool.Pool
-	group          *poolGroup
+	channel        string // where its probes go
 	interval, wait time.Duration
+	found          func(working bool, cause string)    // what it found, when it is sure
 	probes         func(sent bool, queueUsage float64) // a probe tried; when sent, the queue usage it read
 	arrived        func(roundTrip time.Duration)
 	lostOnes       func()
 	cancel         context.CancelFunc
 	done           chan struct{}
 	nudges         chan struct{} // buffered(1): the Listener lost its connection
+
+	mu      sync.Mutex
+	awaited map[string]chan struct{} // probes on their way, by token
+	sub     *Subscription
 }
 
-func startDeliveryCheck(ctx context.Context, l *Listener, g *poolGroup) *deliveryCheck {
-	ctx, cancel := context.WithCancel(ctx)
-	c := &deliveryCheck{
-		target: l, pool: g.pool, group: g,
-		interval: l.opts.deliveryInterval, wait: l.opts.deliveryTimeout,
-		probes: func(sent bool, usage float64) {
-			l.stats.probes.Add(1)
-			l.stats.queries.Add(1)
-			if sent {
-				l.stats.queueUsage.Store(math.Float64bits(usage))
-			}
-		},
-		arrived:  func(d time.Duration) { l.stats.roundTrip.Store(int64(d)) },
-		lostOnes: func() { l.stats.probesLost.Add(1) },
-		cancel:   cancel, done: make(chan struct{}), nudges: make(chan struct{}, 1),
+// newDeliveryCheck makes a check of l and pool that waits wait for each
+// probe; listen subscribes it.
+func newDeliveryCheck(l *Listener, pool *pgxpool.Pool, wait time.Duration) *deliveryCheck {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return &deliveryCheck{
+		target: l, pool: pool, channel: "jobwatch_probe_" + hex.EncodeToString(b[:]), wait: wait,
+		found: func(bool, string) {}, probes: func(bool, float64) {}, arrived: func(time.Duration) {}, lostOnes: func() {},
+		awaited: map[string]chan struct{}{}, done: make(chan struct{}), nudges: make(chan struct{}, 1),
 	}
+}
+
+// startDeliveryCheck runs the check of l and pool, every interval of l's
+// options, until ctx ends or stop; found gets what it finds.
+func startDeliveryCheck(ctx context.Context, l *Listener, pool *pgxpool.Pool, found func(working bool, cause string)) *deliveryCheck {
+	ctx, cancel := context.WithCancel(ctx)
+	c := newDeliveryCheck(l, pool, l.opts.deliveryTimeout)
+	c.interval, c.found, c.cancel = l.opts.deliveryInterval, found, cancel
+	c.probes = func(sent bool, usage float64) {
+		l.stats.probes.Add(1)
+		l.stats.queries.Add(1)
+		if sent {
+			l.stats.queueUsage.Store(math.Float64bits(usage))
+		}
+	}
+	c.arrived = func(d time.Duration) { l.stats.roundTrip.Store(int64(d)) }
+	c.lostOnes = func() { l.stats.probesLost.Add(1) }
 	go c.run(ctx)
 	return c
 }
 
+// listen subscribes the check to its probe channel.
+func (c *deliveryCheck) listen(ctx context.Context) error {
+	sub, err := c.target.subscribe(ctx, c.channel, c.received)
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.sub = sub
+	c.mu.Unlock()
+	return nil
+}
+
+// unlisten ends the subscription.
+func (c *deliveryCheck) unlisten() {
+	c.mu.Lock()
+	sub := c.sub
+	c.sub = nil
+	c.mu.Unlock()
+	c.target.Unsubscribe(sub)
+}
+
+// received takes a notification on the probe channel.
+func (c *deliveryCheck) received(n Notification) {
+	token, ok := strings.CutPrefix(n.Payload, probePrefix)
+	if !ok {
+		return
+	}
+	c.mu.Lock()
+	ch := c.awaited[token]
+	delete(c.awaited, token)
+	c.mu.Unlock()
+	if ch != nil {
+		close(ch)
+	}
+}
+
+// stop ends the check and waits for it; it may be called more than once.
 func (c *deliveryCheck) stop() {
-	if c != nil {
+	if c != nil && c.cancel != nil {
 		c.cancel()
 		<-c.done
 	}
@@ -236,6 +162,10 @@ func (c *deliveryCheck) nudge() {
 
 func (c *deliveryCheck) run(ctx context.Context) {
 	defer close(c.done)
+	if c.listen(ctx) != nil {
+		return // the Listener is closed
+	}
+	defer c.unlisten()
 	next := time.Duration(0) // the first probe as soon as the Listener is connected
 	lost := 0
 	var down time.Time // since when the Listener has been down without a break
@@ -259,13 +189,13 @@ func (c *deliveryCheck) run(ctx context.Context) {
 		switch outcome {
 		case probeArrived:
 			lost = 0
-			c.group.set(true, "")
+			c.found(true, "")
 		case probeLost:
 			lost++
 			if lost == 1 {
 				next = deliveryRetry // a second probe before saying anything
 			} else {
-				c.group.set(false, cause)
+				c.found(false, cause)
 			}
 		case probeInconclusive:
 			if down.IsZero() {
@@ -273,7 +203,7 @@ func (c *deliveryCheck) run(ctx context.Context) {
 			}
 			if time.Since(down) >= c.interval+c.wait {
 				st, _ := c.target.connection()
-				c.group.set(false, "the Listener is not connected: "+errorText(st.err))
+				c.found(false, "the Listener is not connected: "+errorText(st.err))
 			}
 			next = deliveryRetry
 		}
@@ -315,14 +245,21 @@ func (c *deliveryCheck) probe(ctx context.Context) (probeOutcome, string) {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
 	token := hex.EncodeToString(b[:])
-	arrived := c.target.expectProbe(token)
-	defer c.target.forgetProbe(token)
+	arrived := make(chan struct{})
+	c.mu.Lock()
+	c.awaited[token] = arrived
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.awaited, token)
+		c.mu.Unlock()
+	}()
 
 	sendCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), c.wait)
 	sent := time.Now()
 	var usage float64
 	err := c.pool.QueryRow(sendCtx, "SELECT pg_notification_queue_usage() FROM pg_notify($1, $2)",
-		c.target.probeChannel(), probePrefix+token).Scan(&usage)
+		c.channel, probePrefix+token).Scan(&usage)
 	cancel()
 	c.probes(err == nil, usage)
 	if err != nil {
@@ -369,69 +306,4 @@ func (c *deliveryCheck) diagnose(ctx context.Context, listener serverIdentity) s
 	return "the Listener's connection most likely goes through a pooler in transaction mode " +
 		"(PgBouncer pool_mode=transaction), where a LISTEN does not outlive its transaction: " +
 		"connect the Listener directly to PostgreSQL or through a session-mode pool"
-}
-
-// serverIdentity is what a connection says of where it is.
-type serverIdentity struct {
-	database string
-	started  string // pg_postmaster_start_time: differs between servers
-	recovery bool
-}
-
-const serverIdentitySQL = `SELECT current_database(), pg_postmaster_start_time()::text, pg_is_in_recovery()`
-
-// probeChannel is the Listener's private channel, where probes go.
-func (l *Listener) probeChannel() string { return l.healthChannel }
-
-// expectProbe registers a probe token; the returned channel is closed when
-// the Listener receives it.
-func (l *Listener) expectProbe(token string) <-chan struct{} {
-	ch := make(chan struct{})
-	l.mu.Lock()
-	l.probes[token] = ch
-	l.mu.Unlock()
-	return ch
-}
-
-func (l *Listener) forgetProbe(token string) {
-	l.mu.Lock()
-	delete(l.probes, token)
-	l.mu.Unlock()
-}
-
-// probeArrived is called by the connection loop for a probe payload.
-func (l *Listener) probeArrived(token string) {
-	l.mu.Lock()
-	ch := l.probes[token]
-	delete(l.probes, token)
-	l.mu.Unlock()
-	if ch != nil {
-		close(ch)
-	}
-}
-
-// WithDeliveryCheck sets how often a Listener proves, for each pool its
-// watches use, that a NOTIFY sent through that pool reaches it, and how
-// long it waits for one. It applies to a Listener. The default is every
-// 10s with a 5s timeout, so a Listener that cannot hear the producers (a
-// transaction-mode pooler in front of it, another database or server than
-// the pool's, a pool on a standby) is reported within about 11s of start
-// and 21s of a change. An interval of 0 or less turns the check off; with
-// an interval, a timeout of 0 or less is an error.
-func WithDeliveryCheck(interval, timeout time.Duration) Option {
-	return func(o *options) {
-		o.mark(optDeliveryCheck, interval > 0 && timeout <= 0, "WithDeliveryCheck(%v, %v): timeout must be positive", interval, timeout)
-		o.deliveryInterval, o.deliveryTimeout = interval, timeout
-	}
-}
-
-// WithFallbackPollInterval sets how often a watch polls while its
-// Listener's delivery check finds that notifications do not arrive (see
-// WithDeliveryCheck), instead of its poll interval. It applies to the
-// watch functions. The default is 1s; a value of 0 or less is an error.
-func WithFallbackPollInterval(d time.Duration) Option {
-	return func(o *options) {
-		o.mark(optFallbackPoll, d <= 0, "WithFallbackPollInterval(%v): must be positive", d)
-		o.fallbackPoll = d
-	}
 }

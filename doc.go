@@ -16,18 +16,10 @@
 // IHP workers can share a table; its own statement triggers call
 // jobwatch_notify_<table> (see CreateNotificationTriggerSQL).
 //
-// Where each concern lives: names.go reads table names, derives the
-// names of channels, functions, triggers and lock keys, and quotes what
-// goes into SQL; schema.go holds the job table's SQL facts; triggers.sql
-// is the install script, the function bodies and the one query that says
-// what is installed, which triggers.go renders and install.go runs and
-// keeps installed; gate.go is the notify gate's watching side; payload.go
-// is the format of notifications; listener.go, listener_conn.go (the
-// connection loop, the one writer of its state) and subscription.go make
-// the Listener, delivery.go its end-to-end check and the per-pool state
-// it keeps for the watches; schedule.go decides when a poller polls and
-// poll.go runs it; watch.go ties them together; channel.go puts messages
-// on the caller's channel; doctor.go is Diagnose; problems.go turns
-// lasting problems into few log lines; stats.go, options.go and errors.go
-// are what their names say.
+// The files are named after their concern. Two are not Go: triggers.sql
+// holds the install script, the trigger function bodies and the one query
+// that says what is installed (triggers.go renders them, install.go runs
+// them); the Listener (listener.go, listener_conn.go, subscription.go)
+// knows nothing of pools and watches: pool_monitor.go serves the watches
+// of one Listener and pool, with delivery.go's check and gate.go's.
 package jobwatch

@@ -370,18 +370,17 @@ func (d *diagnosis) queue(ctx context.Context) {
 // delivery runs the delivery check's probe, twice at most, through a
 // Listener of its own on the Listener's connection string.
 func (d *diagnosis) delivery(ctx context.Context, l *Listener) {
-	if _, err := l.subscribe(ctx, d.names.channel, func(Notification) {}); err != nil {
-		d.failed("delivery", "cannot LISTEN on the listener's connection string: ", err,
-			"point the Listener at the primary, directly or through a session-mode pool")
+	const fix = "point the Listener at the primary, directly or through a session-mode pool"
+	c := newDeliveryCheck(l, d.pool, defaultDeliveryTimeout)
+	if err := c.listen(ctx); err != nil {
+		d.failed("delivery", "cannot LISTEN on the listener's connection string: ", err, fix)
 		return
 	}
+	defer c.unlisten()
 	if st, _ := l.connection(); !st.up {
-		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+errorText(st.err),
-			"point the Listener at the primary, directly or through a session-mode pool")
+		d.add("delivery", StatusFail, "cannot LISTEN on the listener's connection string: "+errorText(st.err), fix)
 		return
 	}
-	c := &deliveryCheck{target: l, pool: d.pool, wait: l.opts.deliveryTimeout,
-		probes: func(bool, float64) {}, arrived: func(time.Duration) {}, lostOnes: func() {}}
 	cause := "nothing arrived"
 	for range 2 {
 		start := time.Now()

@@ -22,9 +22,9 @@ import (
 // sees at once, commit or not; it skips only when it can do both without
 // waiting, and otherwise notifies. While transactions skip, a watch polls
 // gateTrail after each gated notification, reading the gate with its
-// count; each Listener
-// checks, every gateCheckEvery, the gate of every table its watches
-// follow, in one query per pool. When the counter moved, or
+// count; the poolMonitor of each Listener and pool checks, every
+// gateCheckEvery, the gate of every table its watches follow, in one
+// query. When the counter moved, or
 // a skipper seen open has ended, the watch polls; while one is open it
 // looks again, 5ms later, then backing off to gateCheckEvery. So a skipped
 // job is woken within gateCheckEvery of its commit whatever the key's
@@ -73,8 +73,8 @@ const (
 	gateHot = 2 * time.Second
 )
 
-// gateState is what a poller last saw of the gate, under its lock, but
-// for on, which is set before the poller starts and never changes.
+// gateState is what a poller last saw of the gate, the poll loop's own
+// but for on, which is set before the poller starts and never changes.
 type gateState struct {
 	on        bool      // the poller follows the gate (a watch of gated triggers)
 	checked   bool      // a check or poll has run
@@ -102,87 +102,77 @@ func (p *Poller) gateArgs() []any {
 // skippers behind the notifier are committing. When nothing has skipped
 // for gateHot, nothing is asked: a lone producer's notifications cost no
 // query beyond the workers' fetches, and a first skip is found by the
-// Listener's periodic check, which makes the gate hot.
+// periodic check (gateCheck), which makes the gate hot.
 func (p *Poller) gateSoon() {
-	p.mu.Lock()
-	now := time.Now()
-	hot := p.gate.on && (p.gate.open || now.Sub(p.gate.skippedAt) < gateHot)
-	changed := hot && earlier(&p.sched.trailAt, now.Add(gateTrail))
-	p.mu.Unlock()
-	if changed {
-		p.signal()
+	if !p.gate.on {
+		return
 	}
+	p.post(func() {
+		now := time.Now()
+		if p.gate.open || now.Sub(p.gate.skippedAt) < gateHot {
+			earlier(&p.sched.trailAt, now.Add(gateTrail))
+		}
+	})
 }
 
-// gateChecked takes the Listener's periodic check of this poller's gate,
-// and polls when it calls for one.
+// gateChecked takes the periodic check of this poller's gate, and polls
+// when it calls for one.
 func (p *Poller) gateChecked(open bool, skips int64, readable bool) {
-	p.mu.Lock()
-	poll, blindChanged := p.gateSeenLocked(open, skips, readable)
-	if poll {
-		p.sched.gateNow = true
-	}
-	p.mu.Unlock()
-	p.logBlind(blindChanged, readable)
-	p.signal()
+	p.post(func() {
+		if p.gateSeen(open, skips, readable) {
+			p.sched.gateNow = true
+		}
+	})
 }
 
-// logBlind says, when it changed, whether this role can read the skip
-// counter. Never under p.mu: the logger is the caller's.
-func (p *Poller) logBlind(changed, readable bool) {
+// gateSeen records what a check or a poll saw of the gate and reports
+// whether a poll is called for: the counter moved (a skip happened since)
+// or a skipper was open last time (it may have committed since; while one
+// stays open every look polls, so that the others' jobs are not held up
+// by it). While one is open it asks for a poll after the trail delay. A
+// counter this role may not read leaves skipped jobs to the polls: that is
+// said once, and the watch polls at its fallback interval meanwhile. The
+// loop calls it.
+func (p *Poller) gateSeen(open bool, skips int64, readable bool) bool {
+	g := &p.gate
 	switch {
-	case !changed:
-	case !readable:
+	case !readable && !g.blind:
 		p.gateProblems.report(slog.LevelError, "gate blind",
 			"jobwatch: cannot read the notify gate's skip counter: jobs whose transactions skipped their NOTIFY are found by polling every fallback interval. "+
 				"Fix: GRANT SELECT ON SEQUENCE to this role, or install the triggers WithNotifyGate(false)",
 			"table", p.names.table.raw, "counter", p.names.counter)
-	default:
+	case readable && g.blind:
 		p.gateProblems.clear("jobwatch: the notify gate's skip counter can be read again", "table", p.names.table.raw)
 	}
-}
-
-// gateSeenLocked records what a check or a poll saw of the gate and
-// reports whether a poll is called for: the counter moved (a skip
-// happened since) or a skipper was open last time (it may have committed
-// since; while one stays open every look polls, so that the others' jobs
-// are not held up by it). While one is open it asks for a poll after the
-// trail delay. A counter this role may not read leaves skipped jobs to
-// the polls: the caller says so once (logBlind, told by blindChanged),
-// and the watch polls at its fallback interval meanwhile. p.mu is held.
-func (p *Poller) gateSeenLocked(open bool, skips int64, readable bool) (poll, blindChanged bool) {
-	g := &p.gate
-	blindChanged = g.blind == readable
 	g.blind = !readable
-	poll = g.open || (g.checked && skips != g.skips)
+	poll := g.open || (g.checked && skips != g.skips)
 	now := time.Now()
 	if poll || open {
 		g.skippedAt = now
 	}
 	g.checked, g.skips, g.open = true, skips, open
 	if open {
-		earlier(&p.sched.trailAt, time.Now().Add(g.trail.delay()))
+		earlier(&p.sched.trailAt, now.Add(g.trail.delay()))
 	} else {
 		g.trail.reset()
 	}
-	return poll, blindChanged
+	return poll
 }
 
-// gateCheck is a Listener's periodic look at the gates of the tables its
-// watches of one pool follow: one query for all of them every
+// gateCheck is the periodic look at the gates of the tables followed by
+// the watches a poolMonitor serves: one query for all of them every
 // gateCheckEvery, none when no watch follows a gate. Every table is looked
 // at each time, whatever its watch's own polls saw meanwhile, so that no
 // skip waits longer than gateCheckEvery and a query.
 type gateCheck struct {
-	group   *poolGroup
-	queries func() // counts one query
-	cancel  context.CancelFunc
-	done    chan struct{}
+	m      *poolMonitor
+	cancel context.CancelFunc
+	done   chan struct{}
 }
 
-func startGateCheck(ctx context.Context, l *Listener, g *poolGroup) *gateCheck {
-	ctx, cancel := context.WithCancel(ctx)
-	c := &gateCheck{group: g, queries: func() { l.stats.queries.Add(1) }, cancel: cancel, done: make(chan struct{})}
+func startGateCheck(m *poolMonitor) *gateCheck {
+	ctx, cancel := context.WithCancel(context.Background())
+	c := &gateCheck{m: m, cancel: cancel, done: make(chan struct{})}
 	go c.run(ctx)
 	return c
 }
@@ -208,13 +198,13 @@ func (c *gateCheck) run(ctx context.Context) {
 	}
 }
 
-// check looks at the gate of every due watch of the group at once.
+// check looks at the gate of every poller that follows one at once.
 func (c *gateCheck) check(ctx context.Context) {
 	var due []*Poller
 	var keys []int64
 	var tables, counters []string
-	for _, w := range c.group.members() {
-		if p := w.poller; p.followsGate() {
+	for _, p := range c.m.members() {
+		if p.gate.on {
 			due = append(due, p)
 			keys = append(keys, p.names.skipKey)
 			tables = append(tables, p.names.table.quoted())
@@ -227,8 +217,8 @@ func (c *gateCheck) check(ctx context.Context) {
 	// Not cut short by stop: pgx would discard the pool's connection.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), gateCheckEvery)
 	defer cancel()
-	c.queries()
-	rows, err := c.group.pool.Query(ctx, gateCheckSQL, keys, tables, counters)
+	c.m.l.stats.queries.Add(1) // counted with the Listener's checks
+	rows, err := c.m.pool.Query(ctx, gateCheckSQL, keys, tables, counters)
 	if err != nil {
 		return // the polls report the server's trouble
 	}

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 )
 
 // JobTable describes which rows of a job table wait to run and when each is
@@ -311,4 +313,36 @@ func jobExprs(t JobTable) exprs {
 		e.dueLater = due + " > pg_catalog.now() AND pg_catalog.isfinite(" + due + ")"
 	}
 	return e
+}
+
+// customPollSQL is the poll's query for a JobTable other than IHP's: the
+// due jobs, counted up to limit, the seconds until the earliest one due
+// later, and the server's clock. Parameter $queueParam, when not 0, holds
+// the queues to count. It runs on a pinned search_path (queryPinned).
+func customPollSQL(n names, d described, queueParam, limit int) string {
+	e := jobExprs(n.job)
+	where := `(` + d.pred + `)`
+	if queueParam > 0 {
+		where += ` AND ` + e.queue + ` = ANY ($` + strconv.Itoa(queueParam) + `::text[])`
+	}
+	table := d.table
+	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
+		(SELECT extract(epoch FROM min(` + e.dueAt + `) - now())::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
+		extract(epoch FROM clock_timestamp())::float8`
+}
+
+// pinnedSearchPath is the search_path the trigger functions of a JobTable
+// other than IHP's run on, and their polls: the server's reading of
+// Pending names everything outside pg_catalog with its schema.
+const pinnedSearchPath = "pg_catalog, pg_temp"
+
+// queryPinned runs one row's query on pinnedSearchPath, set for its
+// transaction only: the pool's own search_path, whatever it holds, picks
+// no operator or function of the query (a prepared statement is analysed
+// again under the search_path it runs with).
+func queryPinned(ctx context.Context, pool *pgxpool.Pool, query string, args, dest []any) error {
+	var b pgx.Batch
+	b.Queue(`SELECT pg_catalog.set_config('search_path', ` + quoteLiteral(pinnedSearchPath) + `, true)`)
+	b.Queue(query, args...).QueryRow(func(row pgx.Row) error { return row.Scan(dest...) })
+	return pool.SendBatch(ctx, &b).Close()
 }

@@ -58,8 +58,6 @@ type Listener struct {
 	callbacks []*reconnectCallback
 	started   bool
 	closed    bool
-	probes    map[string]chan struct{} // delivery probes awaited
-	groups    map[*pgxpool.Pool]*poolGroup
 
 	stats   listenerCounters
 	connLog connLog // the connection loop's alone
@@ -125,6 +123,7 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 		config:        config,
 		opts:          o,
 		log:           o.logger.With("database", config.Database),
+		connLog:       connLog{problems: problemLog{log: o.logger.With("database", config.Database), remind: connRemind}},
 		healthChannel: "jobwatch_health_" + hex.EncodeToString(id[:]),
 		ctx:           ctx,
 		cancel:        cancel,
@@ -132,8 +131,6 @@ func newListener(config *pgx.ConnConfig, opts []Option) (*Listener, error) {
 		retry:         make(chan struct{}, 1),
 		changed:       make(chan struct{}),
 		subs:          make(map[string][]*Subscription),
-		probes:        make(map[string]chan struct{}),
-		groups:        make(map[*pgxpool.Pool]*poolGroup),
 	}, nil
 }
 
@@ -354,10 +351,6 @@ func (l *Listener) Close() error {
 		subs = append(subs, list...)
 	}
 	l.subs = map[string][]*Subscription{}
-	groups := make([]*poolGroup, 0, len(l.groups))
-	for _, g := range l.groups {
-		groups = append(groups, g)
-	}
 	l.mu.Unlock()
 
 	l.cancel()
@@ -366,15 +359,18 @@ func (l *Listener) Close() error {
 	} else {
 		close(l.done)
 	}
-	for _, g := range groups {
-		g.listenerClosed()
-	}
 	for _, s := range subs {
 		s.stop()
 		<-s.done
 	}
 	return nil
 }
+
+// closing returns a channel closed when Close begins.
+func (l *Listener) closing() <-chan struct{} { return l.ctx.Done() }
+
+// isClosed reports whether Close has begun.
+func (l *Listener) isClosed() bool { return l.ctx.Err() != nil }
 
 // Stats returns the Listener's counters.
 func (l *Listener) Stats() ListenerStats {

@@ -90,7 +90,7 @@ func (l *Listener) run() {
 		l.setState(func(s *connState) {
 			s.up, s.tried, s.err, s.errAt, s.reachable = false, true, f.err, time.Now(), f.reachable
 		})
-		l.connLog.failed(l.log, served, f.err)
+		l.connLog.failed(served, f.err)
 		if served && time.Since(start) >= lived {
 			retry.reset()
 			continue
@@ -162,7 +162,7 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, failure) {
 		s.gen++
 		s.up, s.tried, s.server = true, true, id
 	})
-	l.connLog.connected(l.log, l.config.Host)
+	l.connLog.connected(l.config.Host)
 	return conn, listening, failure{}
 }
 
@@ -182,14 +182,7 @@ func (l *Listener) hangUp(conn *pgx.Conn) {
 	l.setState(func(s *connState) { s.up, s.ready = false, false })
 	l.mu.Lock()
 	l.interrupt = nil
-	groups := make([]*poolGroup, 0, len(l.groups))
-	for _, g := range l.groups {
-		groups = append(groups, g)
-	}
 	l.mu.Unlock()
-	for _, g := range groups {
-		g.connectionLost()
-	}
 	l.release(nil, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	_ = conn.Close(ctx)
@@ -276,11 +269,7 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 			return fmt.Errorf("listener: connection lost: %w", err)
 		}
 		if n.Channel == l.healthChannel {
-			if token, ok := strings.CutPrefix(n.Payload, probePrefix); ok {
-				l.probeArrived(token)
-			} else {
-				health.outstanding = false
-			}
+			health.outstanding = false
 			continue
 		}
 		l.dispatch(Notification{Channel: n.Channel, Payload: n.Payload})
@@ -369,43 +358,40 @@ func (l *Listener) dispatch(n Notification) {
 	l.mu.Unlock()
 }
 
-// connLog turns the loop's failures into few log lines. A failed connect
-// is an error, said once per kind while it lasts and again every
-// connRemind; a lost connection a warning, said once, then again only
-// with the count of losses every connRemind while they keep coming, so
-// that a flapping connection does not log a line per drop. The first
-// connect after a logged failure says so once.
+// connLog turns the loop's failures into few log lines, through a
+// problemLog. A failed connect is an error, said once per kind while it
+// lasts and again every connRemind; a lost connection a warning, said
+// once, then again only with the count of losses every connRemind while
+// they keep coming, so that a flapping connection does not log a line per
+// drop. The first connect after a logged failure says so once.
 type connLog struct {
-	key      string // the problem logged last; "" when none
-	since    time.Time
-	repeats  int
-	lastLine time.Time
+	problems problemLog
 	up       time.Time // when the current connection came up
 	said     bool      // the reconnect after the line about a loss was logged
 }
 
 // connected records a successful connect.
-func (c *connLog) connected(log *slog.Logger, host string) {
+func (c *connLog) connected(host string) {
 	now := time.Now()
 	c.up = now
-	switch c.key {
+	switch key, repeats, lastLine := c.problems.current(); key {
 	case "":
 	case "lost":
-		if c.repeats == 0 && !c.said {
-			log.Info("jobwatch: listener reconnected", "host", host, "after", now.Sub(c.lastLine).Round(time.Millisecond))
+		if repeats == 0 && !c.said {
+			c.problems.log.Info("jobwatch: listener reconnected", "host", host, "after", now.Sub(lastLine).Round(time.Millisecond))
 			c.said = true
 		}
 	default:
-		log.Info("jobwatch: listener connected", "host", host, "after", now.Sub(c.since).Round(time.Millisecond))
-		c.key = ""
+		c.problems.clear("jobwatch: listener connected", "host", host)
 	}
 }
 
 // failed records how a connection attempt or session ended.
-func (c *connLog) failed(log *slog.Logger, served bool, err error) {
-	now := time.Now()
-	if served && c.key == "lost" && now.Sub(c.up) >= connRemind {
-		c.key = "" // it had been stable: this is a new problem
+func (c *connLog) failed(served bool, err error) {
+	current, _, _ := c.problems.current()
+	if served && current == "lost" && time.Since(c.up) >= connRemind {
+		c.problems.forget() // it had been stable: this is a new problem
+		current = ""
 	}
 	key := err.Error()
 	var pgErr *pgconn.PgError
@@ -415,22 +401,13 @@ func (c *connLog) failed(log *slog.Logger, served bool, err error) {
 	level, msg := slog.LevelError, "jobwatch: listener cannot connect, retrying"
 	if served {
 		key, level, msg = "lost", slog.LevelWarn, "jobwatch: listener connection lost, reconnecting"
-		if c.key != "" && c.key != "lost" {
-			key = c.key // a drop during an outage is part of it
+		if current != "" && current != "lost" {
+			key = current // a drop during an outage is part of it
 		}
 	}
-	if key == c.key && now.Sub(c.lastLine) < connRemind {
-		c.repeats++
-		return
+	if c.problems.report(level, key, msg, "error", err) {
+		c.said = false
 	}
-	attrs := []any{"error", err}
-	if key == c.key {
-		attrs = append(attrs, "since", c.since.Format(time.RFC3339), "repeats", c.repeats)
-	} else {
-		c.since = now
-	}
-	c.key, c.repeats, c.lastLine, c.said = key, 0, now, false
-	log.Log(context.Background(), level, msg, attrs...)
 }
 
 // healthCheck proves the connection alive: a NOTIFY to a private channel,
@@ -467,3 +444,12 @@ func keys(m map[string]bool) []string {
 	}
 	return out
 }
+
+// serverIdentity is what a connection says of where it is.
+type serverIdentity struct {
+	database string
+	started  string // pg_postmaster_start_time: differs between servers
+	recovery bool
+}
+
+const serverIdentitySQL = `SELECT current_database(), pg_postmaster_start_time()::text, pg_is_in_recovery()`

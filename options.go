@@ -222,3 +222,29 @@ func WithClockSkew(max time.Duration) Option {
 		o.clockSkew = max
 	}
 }
+
+// WithDeliveryCheck sets how often a Listener proves, for each pool its
+// watches use, that a NOTIFY sent through that pool reaches it, and how
+// long it waits for one. It applies to a Listener. The default is every
+// 10s with a 5s timeout, so a Listener that cannot hear the producers (a
+// transaction-mode pooler in front of it, another database or server than
+// the pool's, a pool on a standby) is reported within about 11s of start
+// and 21s of a change. An interval of 0 or less turns the check off; with
+// an interval, a timeout of 0 or less is an error.
+func WithDeliveryCheck(interval, timeout time.Duration) Option {
+	return func(o *options) {
+		o.mark(optDeliveryCheck, interval > 0 && timeout <= 0, "WithDeliveryCheck(%v, %v): timeout must be positive", interval, timeout)
+		o.deliveryInterval, o.deliveryTimeout = interval, timeout
+	}
+}
+
+// WithFallbackPollInterval sets how often a watch polls while its
+// Listener's delivery check finds that notifications do not arrive (see
+// WithDeliveryCheck), instead of its poll interval. It applies to the
+// watch functions. The default is 1s; a value of 0 or less is an error.
+func WithFallbackPollInterval(d time.Duration) Option {
+	return func(o *options) {
+		o.mark(optFallbackPoll, d <= 0, "WithFallbackPollInterval(%v): must be positive", d)
+		o.fallbackPoll = d
+	}
+}

@@ -10,7 +10,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
@@ -18,38 +17,50 @@ import (
 // Poller checks a job table for pending jobs at an interval, and at the
 // moment the earliest job scheduled for later becomes due. Stop it with
 // Close or by cancelling the context it was started with.
+//
+// One goroutine, the poll loop (run), owns the schedule and what the
+// poller knows of the notify gate, of the server's clock and of
+// WithClockSkew's rechecks: other goroutines (a watch's subscription, the
+// Listener, the installer, the gate check) post changes, which the loop
+// applies before it plans (post), and the loop decides alone whether it
+// polls at its fallback interval (fallbackCause).
 type Poller struct {
 	pool      *pgxpool.Pool
 	names     names
 	shape     *shape // the table's JobTable, as the server read it
 	opts      options
-	query     string // the poll's query; for a JobTable other than IHP's, built once it is read
 	stats     *counters
 	installer *installer // nil for PollForJob without repair
 	repair    bool       // check the triggers after each interval poll
-	fallback  time.Duration
-	degraded  func() bool // for a watch: poll every fallback while it holds
+	interval  time.Duration
+	fallback  time.Duration // the interval while fallbackCause gives a cause
+	watching  bool          // a watch's poller: it polls at its fallback interval while notifications fail it
+	monitor   *poolMonitor  // a watch's Listener and pool's; nil for a watch that joined a closed Listener
 
 	stop     chan struct{} // closed by Close: the loop ends after its query in flight
 	done     chan struct{}
-	kick     chan struct{} // buffered(1): re-read the schedule
+	kick     chan struct{} // buffered(1): apply the events, plan again
 	queryCtx context.Context
 	abort    context.CancelFunc // cancels queries in flight, closeGrace after stop
+	stopOnce sync.Once
 
-	mu         sync.Mutex
+	// The loop's own.
+	query      string // the poll's query; for a JobTable other than IHP's, built once it is read
 	sched      schedule
 	reconnects int           // Listener reconnects not yet caught up on
 	offset     time.Duration // the server's clock minus ours, as the last poll saw it
-	gate       gateState
-	problems   problemLog // the polls'
+	gate       gateState     // gate.on is set before start, and read by anyone
+	recheck    backoff       // WithClockSkew's polls after a wake-up: until recheckEnd,
+	recheckEnd time.Time     // after a doubling delay, while jobs are due
+	problems   problemLog    // the polls'
 	// gateProblems says whether this role can read the notify gate's skip
 	// counter: a problem of its own, which a good poll does not end.
 	gateProblems problemLog
-	stopOnce     sync.Once
-	// WithClockSkew's polls after a wake-up: until recheckEnd, after a
-	// doubling delay, while jobs are due.
-	recheck    backoff
-	recheckEnd time.Time
+
+	mu      sync.Mutex
+	events  []func()  // posted, not yet applied
+	cause   string    // fallbackCause as the loop last planned with it
+	causeAt time.Time // since when
 }
 
 // PollForJob checks tableName every pollInterval plus a random jitter (up to
@@ -145,6 +156,7 @@ func newPoller(pool *pgxpool.Pool, n names, sh *shape, interval time.Duration, o
 		stats:        stats,
 		repair:       repair && inst != nil,
 		installer:    inst,
+		interval:     interval,
 		fallback:     o.fallbackPoll,
 		stop:         make(chan struct{}),
 		done:         make(chan struct{}),
@@ -154,6 +166,7 @@ func newPoller(pool *pgxpool.Pool, n names, sh *shape, interval time.Duration, o
 		problems:     problemLog{log: o.logger, remind: pollRemind},
 		gateProblems: problemLog{log: o.logger, remind: pollRemind},
 		recheck:      backoff{min: recheckFirst, max: max(o.clockSkew, recheckFirst)},
+		causeAt:      time.Now(),
 	}
 	if !n.custom() {
 		// The limit is the channel's capacity, a constant, so the statement
@@ -167,6 +180,7 @@ func newPoller(pool *pgxpool.Pool, n names, sh *shape, interval time.Duration, o
 	p.sched = schedule{interval: interval, jitter: p.jitter}
 	if inst != nil {
 		inst.installed = p.pollSoon
+		inst.changed = p.signal // the loop plans again: fallbackCause reads it
 	}
 	return p
 }
@@ -224,66 +238,68 @@ func (p *Poller) Done() <-chan struct{} { return p.done }
 // Stats returns the poller's counters.
 func (p *Poller) Stats() Stats {
 	s := p.stats.snapshot()
-	s.PollInterval = p.sched.interval
-	if f := p.fallbackNow(); f > 0 && f < s.PollInterval {
-		s.PollInterval = f
+	p.mu.Lock()
+	cause, at := p.cause, p.causeAt
+	p.mu.Unlock()
+	s.PollInterval, s.FallbackCause = p.interval, cause
+	if cause != "" && p.fallback < s.PollInterval {
+		s.PollInterval = p.fallback
+	}
+	if p.watching {
+		s.NotificationsWorking, s.NotificationsChangedAt = cause == "", at
 	}
 	return s
 }
 
-// fallbackNow is the fallback interval when it is in force, else 0: the
-// watch is degraded, or cannot read the notify gate's counter.
-func (p *Poller) fallbackNow() time.Duration {
-	p.mu.Lock()
-	blind := p.gate.blind
-	p.mu.Unlock()
-	if blind || (p.degraded != nil && p.degraded()) {
-		return p.fallback
+// fallbackCause says why a watch's poller polls at its fallback interval
+// rather than its poll interval, "" when it does not: the one place that
+// decides it. The loop calls it when it plans.
+func (p *Poller) fallbackCause() string {
+	if !p.watching {
+		return ""
 	}
-	return 0
+	switch {
+	case p.installer.unhealthy.Load():
+		return "the triggers do not notify and cannot be made to"
+	case p.gate.blind:
+		return "the notify gate's skip counter cannot be read"
+	case p.monitor == nil:
+		return "the Listener was closed"
+	}
+	if working, _ := p.monitor.state(); !working {
+		return "notifications do not reach the Listener"
+	}
+	return ""
 }
 
-// followsGate reports whether the poller follows the notify gate.
-func (p *Poller) followsGate() bool { return p.gate.on }
+// post has the loop apply change before it plans again: the one way other
+// goroutines change the loop's state. It never waits for the loop.
+func (p *Poller) post(change func()) {
+	p.mu.Lock()
+	p.events = append(p.events, change)
+	p.mu.Unlock()
+	p.signal()
+}
 
 // pollSoon asks for a poll now.
-func (p *Poller) pollSoon() {
-	p.mu.Lock()
-	p.sched.pollNow = true
-	p.mu.Unlock()
-	p.signal()
-}
+func (p *Poller) pollSoon() { p.post(func() { p.sched.pollNow = true }) }
 
 // reconnected asks for one wake-up and a poll now: the Listener
-// reconnected, and notifications sent meanwhile are lost. It only
-// signals: it runs on the Listener's goroutine.
+// reconnected, and notifications sent meanwhile are lost. It runs on the
+// Listener's goroutine.
 func (p *Poller) reconnected() {
-	p.mu.Lock()
-	p.reconnects++
-	p.sched.pollNow = true
-	p.mu.Unlock()
-	p.signal()
-}
-
-// scheduleIn asks for a poll after d unless one is already due sooner.
-func (p *Poller) scheduleIn(d time.Duration) {
-	p.mu.Lock()
-	changed := earlier(&p.sched.scheduled, time.Now().Add(d))
-	p.mu.Unlock()
-	if changed {
-		p.signal()
-	}
+	p.post(func() {
+		p.reconnects++
+		p.sched.pollNow = true
+	})
 }
 
 // scheduleAt asks for a poll when the server's clock reads t.
 func (p *Poller) scheduleAt(t time.Time) {
-	p.mu.Lock()
-	offset := p.offset
-	p.mu.Unlock()
-	p.scheduleIn(time.Until(t.Add(-offset)))
+	p.post(func() { earlier(&p.sched.scheduled, t.Add(-p.offset)) })
 }
 
-// signal makes the loop read the schedule again.
+// signal makes the loop apply the events and plan again.
 func (p *Poller) signal() {
 	select {
 	case p.kick <- struct{}{}:
@@ -291,16 +307,36 @@ func (p *Poller) signal() {
 	}
 }
 
+// plan applies the posted events and decides the fallback interval: in
+// force (returned) when fallbackCause gives a cause, else 0. A change of
+// cause is published for Stats.
+func (p *Poller) plan() time.Duration {
+	p.mu.Lock()
+	events := p.events
+	p.events = nil
+	p.mu.Unlock()
+	for _, e := range events {
+		e()
+	}
+	cause := p.fallbackCause()
+	p.mu.Lock()
+	if cause != p.cause {
+		p.cause, p.causeAt = cause, time.Now()
+	}
+	p.mu.Unlock()
+	if cause == "" {
+		return 0
+	}
+	return p.fallback
+}
+
 func (p *Poller) run() {
 	timer := time.NewTimer(0)
 	defer timer.Stop()
 	for {
-		fallback := p.fallbackNow()
-		p.mu.Lock()
-		st := p.sched.step(time.Now(), fallback)
+		st := p.sched.step(time.Now(), p.plan())
 		reconnects := p.reconnects
 		p.reconnects = 0
-		p.mu.Unlock()
 		if reconnects > 0 {
 			// One wake-up: the worker fetches whatever it missed.
 			p.stats.wake(1, causeReconnect)
@@ -407,21 +443,15 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 		return
 	}
 	p.problems.clear("jobwatch: polling works again", "table", p.names.table.raw)
-	p.mu.Lock()
 	// The gate's columns are read after this statement's snapshot was
 	// taken: a skipper that committed in between counts as ended, its job
 	// unseen. Its skip moved the counter, though: one more poll, whose
 	// snapshot comes later, finds it.
-	var skipped, blindChanged bool
-	if p.gate.on {
-		skipped, blindChanged = p.gateSeenLocked(open, skips, readable)
-	}
+	skipped := p.gate.on && p.gateSeen(open, skips, readable)
 	if skipped {
 		earlier(&p.sched.trailAt, time.Now().Add(gateTrail))
 	}
 	p.offset = unixSeconds(server).Sub(start.Add(end.Sub(start) / 2))
-	p.mu.Unlock()
-	p.logBlind(blindChanged, readable)
 	// Never more than the channel has room for: a woken worker fetches
 	// until nothing is due, so wake-ups beyond that would only be dropped.
 	if trailOnly && skipped {
@@ -432,7 +462,7 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 		p.wokeFor(count)
 	}
 	if next != nil {
-		p.scheduleIn(seconds(*next))
+		earlier(&p.sched.scheduled, time.Now().Add(seconds(*next)))
 	}
 }
 
@@ -472,48 +502,16 @@ func (p *Poller) pollQuery(ctx context.Context) (string, []any, error) {
 	return p.query, args, nil
 }
 
-// customPollSQL is the poll's query for a JobTable other than IHP's: the
-// due jobs, counted up to limit, the seconds until the earliest one due
-// later, and the server's clock. Parameter $queueParam, when not 0, holds
-// the queues to count. It runs on a pinned search_path (queryPinned).
-func customPollSQL(n names, d described, queueParam, limit int) string {
-	e := jobExprs(n.job)
-	where := `(` + d.pred + `)`
-	if queueParam > 0 {
-		where += ` AND ` + e.queue + ` = ANY ($` + strconv.Itoa(queueParam) + `::text[])`
-	}
-	table := d.table
-	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
-		(SELECT extract(epoch FROM min(` + e.dueAt + `) - now())::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
-		extract(epoch FROM clock_timestamp())::float8`
-}
-
-// pinnedSearchPath is the search_path the trigger functions of a JobTable
-// other than IHP's run on, and their polls: the server's reading of
-// Pending names everything outside pg_catalog with its schema.
-const pinnedSearchPath = "pg_catalog, pg_temp"
-
-// queryPinned runs one row's query on pinnedSearchPath, set for its
-// transaction only: the pool's own search_path, whatever it holds, picks
-// no operator or function of the query (a prepared statement is analysed
-// again under the search_path it runs with).
-func queryPinned(ctx context.Context, pool *pgxpool.Pool, query string, args, dest []any) error {
-	var b pgx.Batch
-	b.Queue(`SELECT pg_catalog.set_config('search_path', ` + quoteLiteral(pinnedSearchPath) + `, true)`)
-	b.Queue(query, args...).QueryRow(func(row pgx.Row) error { return row.Scan(dest...) })
-	return pool.SendBatch(ctx, &b).Close()
-}
-
 // recheckFirst is WithClockSkew's first delay.
 const recheckFirst = 50 * time.Millisecond
 
 // wokeFor follows a wake-up for count due jobs (count 0: none were due)
-// with WithClockSkew's next poll, while its time lasts.
+// with WithClockSkew's next poll, while its time lasts. The loop calls it;
+// others post it.
 func (p *Poller) wokeFor(count int64) {
 	if p.opts.clockSkew <= 0 {
 		return
 	}
-	p.mu.Lock()
 	now := time.Now()
 	switch {
 	case count == 0:
@@ -530,6 +528,4 @@ func (p *Poller) wokeFor(count int64) {
 			earlier(&p.sched.scheduled, at)
 		}
 	}
-	p.mu.Unlock()
-	p.signal()
 }

@@ -58,6 +58,21 @@ func (p *problemLog) passing(level slog.Level, key, msg string, attrs ...any) {
 	p.report(level, key, msg, attrs...)
 }
 
+// current returns the problem now, "" when there is none, how often it
+// came again since its last line, and when that line was logged.
+func (p *problemLog) current() (key string, repeats int, lastLine time.Time) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.key, p.repeats, p.lastLine
+}
+
+// forget ends the current problem without a word.
+func (p *problemLog) forget() {
+	p.mu.Lock()
+	p.key, p.repeats = "", 0
+	p.mu.Unlock()
+}
+
 // clear ends the current problem, logging msg at info level when there was
 // one.
 func (p *problemLog) clear(msg string, attrs ...any) {
@@ -71,21 +86,3 @@ func (p *problemLog) clear(msg string, attrs ...any) {
 		p.log.Info(msg, attrs...)
 	}
 }
-
-// backoff is a delay that doubles from min to max.
-type backoff struct {
-	min, max time.Duration
-	next     time.Duration
-}
-
-// delay returns the next delay and doubles the one after.
-func (b *backoff) delay() time.Duration {
-	if b.next == 0 {
-		b.next = b.min
-	}
-	d := b.next
-	b.next = min(2*b.next, b.max)
-	return d
-}
-
-func (b *backoff) reset() { b.next = 0 }

@@ -85,3 +85,21 @@ func earlier(t *time.Time, at time.Time) bool {
 	*t = at
 	return true
 }
+
+// backoff is a delay that doubles from min to max.
+type backoff struct {
+	min, max time.Duration
+	next     time.Duration
+}
+
+// delay returns the next delay and doubles the one after.
+func (b *backoff) delay() time.Duration {
+	if b.next == 0 {
+		b.next = b.min
+	}
+	d := b.next
+	b.next = min(2*b.next, b.max)
+	return d
+}
+
+func (b *backoff) reset() { b.next = 0 }

@@ -24,13 +24,19 @@ type Stats struct {
 	PollInterval time.Duration // the interval polls run at now: the poll interval, or the fallback while notifications do not arrive
 	LastError    error         // the last poll, install or repair error; nil if none
 	LastErrorAt  time.Time     // when LastError happened
-	// NotificationsWorking is what the Listener's delivery check found
-	// last (see WithDeliveryCheck): true while a NOTIFY sent through the
-	// pool reaches the Listener, false while it does not and the watch
-	// polls at its fallback interval. It starts true, and stays true with
-	// the check off. A Poller alone receives no notifications: false.
+	// NotificationsWorking says whether the watch relies on notifications
+	// now: true, or false while it polls at its fallback interval because
+	// they fail it (FallbackCause says how). It starts true. A Poller
+	// alone receives no notifications: false.
 	NotificationsWorking   bool
 	NotificationsChangedAt time.Time // when NotificationsWorking last changed (or the watch started)
+	// FallbackCause says why the watch polls at its fallback interval
+	// (WithFallbackPollInterval) rather than its poll interval: the
+	// Listener's delivery check finds that notifications sent through the
+	// pool do not reach it (see WithDeliveryCheck), the Listener was
+	// closed, the triggers do not notify and cannot be repaired, or the
+	// notify gate's skip counter cannot be read. "" while it does not.
+	FallbackCause string
 }
 
 // Wakeups counts JobAvailable messages sent, by what called for them.
@@ -41,18 +47,6 @@ type Wakeups struct {
 	Gate         uint64 // a poll behind the notify gate: transactions skipped their NOTIFY
 	Reconnect    uint64 // the Listener reconnected: notifications sent meanwhile are lost
 }
-
-// wakeCause says what called for a wake-up, an index into counters.causes.
-type wakeCause int
-
-const (
-	causeNotification wakeCause = iota
-	causePoll
-	causeScheduled
-	causeGate
-	causeReconnect
-	numCauses
-)
 
 // ListenerStats is a snapshot of a Listener's counters, for metrics.
 type ListenerStats struct {
@@ -109,39 +103,22 @@ type timedError struct {
 	at  time.Time
 }
 
-// counters is the live state behind Stats, shared by a Watch and its Poller.
+// counters is the live state behind Stats, shared by a Watch and its
+// Poller, with the waker that sends on the wake channel.
 type counters struct {
-	wakeCh        chan<- Message
+	waker
 	notifications atomic.Uint64
-	sent          atomic.Uint64
-	causes        [numCauses]atomic.Uint64
 	polls         atomic.Uint64
 	pollErrors    atomic.Uint64
 	pollNanos     atomic.Int64
 	repairs       atomic.Uint64
 	queries       atomic.Uint64
 	lastErr       atomic.Pointer[timedError]
-	drops         *dropReporter
 }
 
 func newCounters(n names, wake chan<- Message, o options) *counters {
-	log := o.logger
-	table := n.table.raw
-	c := &counters{
-		wakeCh: wake,
-		drops: &dropReporter{
-			interval: o.dropLogInterval,
-			report: func(dropped uint64, stuck time.Duration) {
-				if stuck > 0 {
-					log.Warn("jobwatch: wake channel full: nothing could be sent to it for a while; is its reader stuck?",
-						"table", table, "dropped", dropped, "for", stuck.Round(time.Millisecond))
-					return
-				}
-				log.Debug("jobwatch: wake channel full, wake-ups dropped (its reader is busy)", "table", table, "dropped", dropped)
-			},
-		},
-	}
-	c.drops.lastSent.Store(time.Now().UnixNano())
+	c := &counters{}
+	c.init(wake, o.dropLogInterval, o.logger, n.table.raw)
 	return c
 }
 

@@ -3,7 +3,6 @@ package jobwatch
 import (
 	"context"
 	"fmt"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,28 +10,6 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
-
-// Message is what the watcher puts on the caller's wake channel.
-type Message int
-
-const (
-	// JobAvailable means a job may be ready: try to fetch one.
-	JobAvailable Message = iota + 1
-	// Stop is never sent by the library; it is for callers' own use, for
-	// example to tell their workers to shut down.
-	Stop
-)
-
-// String returns the message's name.
-func (m Message) String() string {
-	switch m {
-	case JobAvailable:
-		return "JobAvailable"
-	case Stop:
-		return "Stop"
-	}
-	return "Message(" + strconv.Itoa(int(m)) + ")"
-}
 
 // Watch is a running watch on one job table: a Listener subscription, a
 // Poller and the installer that keeps the triggers in place. Stop it with
@@ -44,9 +21,6 @@ type Watch struct {
 	removeReconnect func()
 	stopAfter       func() bool
 	stats           *counters
-	group           *poolGroup    // the Listener's for this pool; nil once the Listener is closed
-	fallback        time.Duration // the poll interval while notifications do not arrive
-	startedAt       time.Time
 	queues          map[string]bool // WithQueues; nil: every queue
 	started         atomic.Bool     // the poller runs: reconnects call for catch-up
 	done            chan struct{}
@@ -109,7 +83,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
 	stats := newCounters(n, wake, o)
-	w := &Watch{listener: listener, stats: stats, fallback: o.fallbackPoll, startedAt: time.Now(), done: make(chan struct{})}
+	w := &Watch{listener: listener, stats: stats, done: make(chan struct{})}
 	if len(o.queues) > 0 {
 		w.queues = make(map[string]bool, len(o.queues))
 		for _, q := range o.queues {
@@ -118,8 +92,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 	}
 	inst := newInstaller(pool, n, sh, o, stats)
 	w.poller = newPoller(pool, n, sh, pollInterval, o, stats, inst, repair)
-	w.poller.degraded = w.degraded
-	inst.changed = w.poller.signal
+	w.poller.watching = true
 	if o.gate {
 		w.poller.followGate()
 	}
@@ -146,7 +119,7 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 		w.removeReconnect()
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
-	w.group = listener.join(pool, w)
+	w.poller.monitor = joinMonitor(listener, pool, w.poller)
 	w.poller.start(context.WithoutCancel(ctx))
 	w.started.Store(true)
 	w.stopAfter = context.AfterFunc(ctx, func() { _ = w.Close() })
@@ -178,23 +151,10 @@ func (w *Watch) notified(msg Notification) {
 		// a woken worker fetches until none is due. One that cannot be
 		// delivered counts as dropped.
 		w.stats.wake(max(min(p.Due, w.stats.room()), 1), causeNotification)
-		w.poller.wokeFor(p.Due)
+		if w.poller.opts.clockSkew > 0 {
+			w.poller.post(func() { w.poller.wokeFor(p.Due) })
+		}
 	}
-}
-
-// degraded reports whether notifications fail to reach this watch, so
-// that its poller polls at the fallback interval: the delivery check
-// finds they do not arrive, its Listener was closed under it, or the
-// triggers do not notify and cannot be repaired.
-func (w *Watch) degraded() bool {
-	if w.poller.installer.unhealthy.Load() {
-		return true
-	}
-	if w.group == nil {
-		return w.started.Load() // joined a closed Listener
-	}
-	working, _ := w.group.state()
-	return !working
 }
 
 // Close unsubscribes, stops the poller and waits for it to exit. Once it
@@ -212,7 +172,7 @@ func (w *Watch) Close() error {
 		w.closed = true
 		w.closing.Unlock()
 		w.removeReconnect()
-		w.group.leave(w)
+		w.poller.monitor.leave(w.poller)
 		w.listener.Unsubscribe(w.sub)
 		_ = w.poller.Close()
 		close(w.done)
@@ -230,11 +190,4 @@ func (w *Watch) Table() string { return w.poller.names.table.raw }
 func (w *Watch) Done() <-chan struct{} { return w.done }
 
 // Stats returns the watch's counters (its poller's included).
-func (w *Watch) Stats() Stats {
-	s := w.poller.Stats()
-	s.NotificationsWorking, s.NotificationsChangedAt = false, w.startedAt
-	if w.group != nil {
-		s.NotificationsWorking, s.NotificationsChangedAt = w.group.state()
-	}
-	return s
-}
+func (w *Watch) Stats() Stats { return w.poller.Stats() }
