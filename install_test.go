@@ -347,10 +347,16 @@ func TestUnrepairableTriggersPollFaster(t *testing.T) {
 	d.exec(t, "DROP TRIGGER did_insert_job_jobs ON jobs")
 	d.exec(t, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'jobwatch_unrepairable' AND datname = current_database()")
 	eventually(t, "polling at the fallback interval", func() bool { return w.Stats().PollInterval == time.Second })
+	st := w.Stats()
+	assert.False(t, st.NotificationsWorking, "the watch does not rely on notifications")
+	assert.Contains(t, st.FallbackCause, "triggers do not notify")
 	drain(ch)
 	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
 	waitWake(t, ch, "found by a fallback poll")
 
 	d.exec(t, jobwatch.CreateNotificationTriggerSQL("jobs"))
 	eventually(t, "back at the interval", func() bool { return w.Stats().PollInterval == time.Hour })
+	st = w.Stats()
+	assert.True(t, st.NotificationsWorking)
+	assert.Empty(t, st.FallbackCause)
 }
