@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"strings"
 	"time"
 
@@ -393,10 +394,16 @@ func (c *connLog) failed(served bool, err error) {
 		c.problems.forget() // it had been stable: this is a new problem
 		current = ""
 	}
+	// The kind of failure, without what changes between attempts (a
+	// network error's addresses and ephemeral port).
 	key := err.Error()
 	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
+	var opErr *net.OpError
+	switch {
+	case errors.As(err, &pgErr):
 		key = pgErr.Code
+	case errors.As(err, &opErr) && opErr.Err != nil:
+		key = opErr.Op + ": " + opErr.Err.Error()
 	}
 	level, msg := slog.LevelError, "jobwatch: listener cannot connect, retrying"
 	if served {

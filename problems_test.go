@@ -3,8 +3,12 @@ package jobwatch
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
+	"os"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -52,5 +56,22 @@ func TestDiagnoseErrorOnePrefix(t *testing.T) {
 	if err == nil || strings.Count(err.Error(), "jobwatch: ") != 1 ||
 		!strings.HasPrefix(err.Error(), "jobwatch: diagnose jobs: listener: parse connection string: ") {
 		t.Fatalf("got %v", err)
+	}
+}
+
+// TestConnLogNetworkErrorsOneLine: connection failures that differ only
+// in their addresses (a reset seen from another ephemeral port each time)
+// are one problem, said once.
+func TestConnLogNetworkErrorsOneLine(t *testing.T) {
+	var buf bytes.Buffer
+	c := connLog{problems: problemLog{log: slog.New(slog.NewTextHandler(&buf, nil)), remind: time.Hour}}
+	for port := 40000; port < 40005; port++ {
+		err := &net.OpError{Op: "read", Net: "tcp",
+			Source: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: port}, Addr: &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 5432},
+			Err: &os.SyscallError{Syscall: "read", Err: syscall.ECONNRESET}}
+		c.failed(false, fmt.Errorf("listener: connect: %w", err))
+	}
+	if n := strings.Count(buf.String(), "cannot connect"); n != 1 {
+		t.Fatalf("%d lines:\n%s", n, buf.String())
 	}
 }
