@@ -321,7 +321,7 @@ func (d *diagnosis) jobs(ctx context.Context) {
 		err = queryPinned(ctx, d.pool, `SELECT count(*) FILTER (WHERE `+e.dueNow+`), count(*) FILTER (WHERE `+e.dueLater+`),
 		count(*) FILTER (WHERE `+e.dueAt+` = 'infinity'),
 		extract(epoch FROM now() - min(`+e.dueAt+`) FILTER (WHERE `+e.dueAt+` <= now() AND `+e.dueAt+` > '-infinity'))::float8
-		FROM `+t+` j WHERE `+d.desc.pred, nil, []any{&due, &later, &never, &oldest})
+		FROM `+t+` j WHERE `+d.desc.pred, &due, &later, &never, &oldest)
 	} else {
 		err = d.pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE run_at <= now()),
 		count(*) FILTER (WHERE run_at > now() AND run_at < 'infinity'), count(*) FILTER (WHERE run_at = 'infinity'),

@@ -38,16 +38,21 @@ import (
 // counter's value (0 before its first skip, or when it does not exist),
 // and whether this role may read it (true when there is none). A watch's
 // poll reads them with its count.
-const gateColumns = `g.open, coalesce(g.skips, 0), g.readable FROM (` + gateRowSQL + `) g`
+var gateColumns = gateColumnsOf("$1::int8", "$2::text", "$3::text")
 
-// gateRowSQL reads one table's gate; gateCheckSQL reads many.
-const gateRowSQL = `SELECT NOT CASE WHEN pg_try_advisory_lock($1::int8) THEN pg_advisory_unlock($1::int8) ELSE false END AS open,
+// gateColumnsOf is gateColumns with the skip key, the table and the
+// counter given as the SQL expressions key, table and counter; gateCheckSQL
+// reads many tables' gates.
+func gateColumnsOf(key, table, counter string) string {
+	return `g.open, coalesce(g.skips, 0), g.readable FROM (
+	SELECT NOT CASE WHEN pg_try_advisory_lock(` + key + `) THEN pg_advisory_unlock(` + key + `) ELSE false END AS open,
 	(SELECT CASE WHEN has_sequence_privilege(c.oid, 'SELECT, USAGE') THEN pg_sequence_last_value(c.oid) END
 	   FROM pg_class c, pg_class t
-	  WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S') AS skips,
+	  WHERE t.oid = to_regclass(` + table + `) AND c.relnamespace = t.relnamespace AND c.relname = ` + counter + ` AND c.relkind = 'S') AS skips,
 	coalesce((SELECT has_sequence_privilege(c.oid, 'SELECT, USAGE')
 	   FROM pg_class c, pg_class t
-	  WHERE t.oid = to_regclass($2::text) AND c.relnamespace = t.relnamespace AND c.relname = $3::text AND c.relkind = 'S'), true) AS readable`
+	  WHERE t.oid = to_regclass(` + table + `) AND c.relnamespace = t.relnamespace AND c.relname = ` + counter + ` AND c.relkind = 'S'), true) AS readable) g`
+}
 
 // gateCheckSQL reads the gate of every table in the arrays $1 (skip
 // keys), $2 (tables) and $3 (counters), a row each, in order.

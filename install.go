@@ -297,7 +297,7 @@ type installer struct {
 	unhealthy atomic.Bool // the triggers do not notify and could not be made to
 	shape     *shape      // the table's JobTable, as the server read it
 	// mayReplace: triggers made for another JobTable may be replaced, by
-	// the first check that finds the table, never after: two watches
+	// the first check that goes through, never after: two watches
 	// describing a table differently do not replace each other in turn.
 	mayReplace bool
 
@@ -362,18 +362,19 @@ func (i *installer) run(ctx context.Context, stop <-chan struct{}) {
 // bodies says whether stale function bodies count.
 func (i *installer) check(ctx context.Context, bodies bool) bool {
 	n := i.names
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, queryTimeout)
 	defer cancel()
 	found, healthy, err := ensureTriggers(ctx, i.pool, n, i.shape, i.opts, bodies, i.mayReplace)
-	if err == nil || !errors.Is(err, ErrTableNotFound) {
-		i.mayReplace = false
+	if err == nil {
+		i.mayReplace = false // the first check that went through, not one a blip cut short
 	}
 	i.stats.queries.Add(1)
 	if found != "" {
 		i.stats.queries.Add(1) // the script
 	}
-	if ctx.Err() != nil {
-		return true
+	if parent.Err() != nil {
+		return true // stopping
 	}
 	if i.unhealthy.Swap(!healthy) != !healthy {
 		i.changed() // the watch polls at its fallback interval while they do not notify

@@ -235,18 +235,20 @@ func describe(ctx context.Context, q txBeginner, n names) (described, error) {
 	if _, err := tx.Exec(ctx, n.describeSQL()); err != nil {
 		return d, fmt.Errorf("describe %s: %w", n.table.raw, mapScriptError(err))
 	}
-	var out string
-	if err := tx.QueryRow(ctx, "SELECT pg_catalog.current_setting("+quoteLiteral(describedSetting)+")").Scan(&out); err != nil {
-		return d, fmt.Errorf("describe %s: %w", n.table.raw, err)
+	err = tx.QueryRow(ctx, "SELECT pg_catalog.current_setting($1 || '_pred'), pg_catalog.current_setting($1 || '_record'), pg_catalog.current_setting($1 || '_table')",
+		describedSetting).Scan(&d.pred, &d.record, &d.table)
+	if err == nil && (d.pred == "" || d.record == "" || d.table == "") {
+		err = errors.New("the server's reading is empty")
 	}
-	if parts := strings.Split(out, "\n"); len(parts) == 3 {
-		d.pred, d.record, d.table = parts[0], parts[1], parts[2]
+	if err != nil {
+		return described{}, fmt.Errorf("describe %s: %w", n.table.raw, err)
 	}
 	return d, nil
 }
 
-// describedSetting is where describeSQL leaves its result, for the rest of
-// its transaction.
+// describedSetting starts the names of the settings where describeSQL
+// leaves its reading (_pred, _record, _table), for the rest of its
+// transaction.
 const describedSetting = "jobwatch.described"
 
 // txBeginner is what describe needs: a *pgxpool.Pool or a *pgx.Conn.
@@ -317,13 +319,18 @@ func jobExprs(t JobTable) exprs {
 
 // customPollSQL is the poll's query for a JobTable other than IHP's: the
 // due jobs, counted up to limit, the seconds until the earliest one due
-// later, and the server's clock. Parameter $queueParam, when not 0, holds
-// the queues to count. It runs on a pinned search_path (queryPinned).
-func customPollSQL(n names, d described, queueParam, limit int) string {
+// later, and the server's clock; with queues, only those queues' jobs.
+// It has no parameters (queryPinned sends it as text), and runs on a
+// pinned search_path.
+func customPollSQL(n names, d described, queues []string, limit int) string {
 	e := jobExprs(n.job)
 	where := `(` + d.pred + `)`
-	if queueParam > 0 {
-		where += ` AND ` + e.queue + ` = ANY ($` + strconv.Itoa(queueParam) + `::text[])`
+	if len(queues) > 0 {
+		lits := make([]string, len(queues))
+		for i, q := range queues {
+			lits[i] = quoteLiteral(q)
+		}
+		where += ` AND ` + e.queue + ` = ANY (ARRAY[` + strings.Join(lits, ", ") + `]::text[])`
 	}
 	table := d.table
 	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
@@ -336,13 +343,31 @@ func customPollSQL(n names, d described, queueParam, limit int) string {
 // Pending names everything outside pg_catalog with its schema.
 const pinnedSearchPath = "pg_catalog, pg_temp"
 
-// queryPinned runs one row's query on pinnedSearchPath, set for its
-// transaction only: the pool's own search_path, whatever it holds, picks
-// no operator or function of the query (a prepared statement is analysed
-// again under the search_path it runs with).
-func queryPinned(ctx context.Context, pool *pgxpool.Pool, query string, args, dest []any) error {
-	var b pgx.Batch
-	b.Queue(`SELECT pg_catalog.set_config('search_path', ` + quoteLiteral(pinnedSearchPath) + `, true)`)
-	b.Queue(query, args...).QueryRow(func(row pgx.Row) error { return row.Scan(dest...) })
-	return pool.SendBatch(ctx, &b).Close()
+// queryPinned runs query, which has no parameters and returns one row, on
+// pinnedSearchPath, set for its transaction only, and scans that row into
+// dest. Both go in one simple-protocol message, so that the server parses
+// and plans query only once the path is set: no statement prepared under
+// the pool's own search_path is ever used, and nothing the pool's path
+// holds picks an operator or function of query.
+func queryPinned(ctx context.Context, pool *pgxpool.Pool, query string, dest ...any) error {
+	c, err := pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer c.Release()
+	results, err := c.Conn().PgConn().Exec(ctx,
+		`SELECT pg_catalog.set_config('search_path', `+quoteLiteral(pinnedSearchPath)+`, true); `+query).ReadAll()
+	if err != nil {
+		return err
+	}
+	if len(results) != 2 || len(results[1].Rows) != 1 || len(results[1].Rows[0]) != len(dest) {
+		return errors.New("pinned query: not one row of the expected columns")
+	}
+	fields, row, types := results[1].FieldDescriptions, results[1].Rows[0], c.Conn().TypeMap()
+	for i := range dest {
+		if err := types.Scan(fields[i].DataTypeOID, fields[i].Format, row[i], dest[i]); err != nil {
+			return fmt.Errorf("pinned query: column %s: %w", fields[i].Name, err)
+		}
+	}
+	return nil
 }

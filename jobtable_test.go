@@ -436,3 +436,57 @@ func TestJobTableRefusedLater(t *testing.T) {
 	assert.Equal(t, 1, logs.lines("level=ERROR"), logs.String())
 	assert.ErrorIs(t, w.Stats().LastError, jobwatch.ErrInvalidJobTable)
 }
+
+// TestJobTablePendingPrintedOnManyLines: PostgreSQL prints a CASE, and a
+// literal holding a newline, over several lines; the trigger runs them as
+// the condition they are, and text after a newline inside a literal stays
+// in the literal (it once ended up as code of the function body).
+func TestJobTablePendingPrintedOnManyLines(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, opt := newLogs(t)
+	d.exec(t, `CREATE TABLE pwned (n int); GRANT INSERT ON pwned TO PUBLIC;
+		CREATE TABLE cjobs (id bigserial, state text NOT NULL DEFAULT 'ready', run_at timestamptz)`)
+	desc := jobwatch.JobTable{RunAt: "run_at",
+		Pending: "CASE WHEN state = 'ready' THEN true ELSE false END AND state <> 'x\nINSERT INTO pwned SELECT 42; --'"}
+	w, ch, _ := d.watch(t, opt, watchSetup{table: "cjobs", noTable: true, opts: []jobwatch.Option{jobwatch.WithJobTable(desc)}})
+	d.exec(t, "INSERT INTO cjobs (state) VALUES ('done')")
+	d.exec(t, "INSERT INTO cjobs DEFAULT VALUES")
+	waitWake(t, ch, "the ready job")
+	assert.Equal(t, uint64(1), w.Stats().Notifications, "the done job notified")
+	var pwned int
+	require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT count(*) FROM pwned").Scan(&pwned))
+	assert.Zero(t, pwned, "text of a literal ran as code")
+}
+
+// TestJobTableReadingWithBackslash: a Pending whose reading holds a
+// backslash (here written without one) is refused: it would read
+// differently in a session with standard_conforming_strings off.
+func TestJobTableReadingWithBackslash(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	d.exec(t, "CREATE TABLE bjobs (id bigserial, kind text)")
+	err := jobwatch.EnsureNotificationTriggers(ctxT(t), d.pool, "bjobs",
+		jobwatch.WithJobTable(jobwatch.JobTable{Pending: "kind <> U&'!005C' UESCAPE '!'"}))
+	require.ErrorIs(t, err, jobwatch.ErrInvalidJobTable)
+	assert.Contains(t, err.Error(), "backslash")
+}
+
+// TestJobTableWithoutTempRight: reading Pending needs the right to create
+// temporary tables; a role without it is told so, not that its
+// description is wrong.
+func TestJobTableWithoutTempRight(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	d.exec(t, "CREATE TABLE tjobs (id bigserial, state text)")
+	worker := role(t, d)
+	d.exec(t, "GRANT SELECT ON tjobs TO "+worker)
+	var db string
+	require.NoError(t, d.pool.QueryRow(ctxT(t), "SELECT current_database()").Scan(&db))
+	d.exec(t, "REVOKE TEMPORARY ON DATABASE "+db+" FROM PUBLIC")
+	pool := poolAs(t, d, worker)
+	err := jobwatch.EnsureNotificationTriggers(ctxT(t), pool, "tjobs", jobwatch.WithJobTable(jobwatch.JobTable{Pending: "state = 'x'"}))
+	require.ErrorIs(t, err, jobwatch.ErrPermissionDenied)
+	assert.NotErrorIs(t, err, jobwatch.ErrInvalidJobTable)
+	assert.Contains(t, err.Error(), "GRANT TEMPORARY")
+}

@@ -342,7 +342,7 @@ func (p *Poller) run() {
 			p.stats.wake(1, causeReconnect)
 		}
 		if st.poll {
-			p.poll(st.trailOnly, st.cause)
+			p.poll(st.trailOnly, st.recheck, st.cause)
 			if p.stopped() {
 				return
 			}
@@ -391,7 +391,7 @@ func (p *Poller) jitter() time.Duration {
 // only by a gated notification) wakes no one unless a transaction skipped
 // since the last look: the notification already woke workers for its own
 // jobs.
-func (p *Poller) poll(trailOnly bool, cause wakeCause) {
+func (p *Poller) poll(trailOnly, recheck bool, cause wakeCause) {
 	var count int64
 	var next *float64
 	var server float64
@@ -407,7 +407,7 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 	}
 	if err == nil {
 		if p.names.custom() {
-			err = queryPinned(ctx, p.pool, query, args, dest)
+			err = queryPinned(ctx, p.pool, query, dest...)
 		} else {
 			err = p.pool.QueryRow(ctx, query, args...).Scan(dest...)
 		}
@@ -459,7 +459,7 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 	}
 	if !trailOnly || skipped {
 		p.stats.wake(min(count, p.stats.room()), cause)
-		p.wokeFor(count)
+		p.wokeFor(count, recheck)
 	}
 	if next != nil {
 		earlier(&p.sched.scheduled, time.Now().Add(seconds(*next)))
@@ -471,61 +471,52 @@ func (p *Poller) poll(trailOnly bool, cause wakeCause) {
 // JobTable other than IHP's the queues it watches. It has the server read
 // that JobTable first if need be.
 func (p *Poller) pollQuery(ctx context.Context) (string, []any, error) {
-	var args []any
-	if p.gate.on {
-		args = p.gateArgs()
-	}
 	if !p.names.custom() {
 		if p.gate.on {
-			return p.query + `, ` + gateColumns, args, nil
+			return p.query + `, ` + gateColumns, p.gateArgs(), nil
 		}
-		return p.query, args, nil
-	}
-	d, err := p.shape.get(ctx, p.pool, p.names)
-	if err != nil {
-		return "", nil, err
-	}
-	queueParam := 0
-	if p.gate.on {
-		args[1] = d.table // the table as the pinned search_path finds it
-	}
-	if len(p.opts.queues) > 0 {
-		args = append(args, p.opts.queues)
-		queueParam = len(args)
+		return p.query, nil, nil
 	}
 	if p.query == "" { // only the poll loop reads and writes it
-		p.query = customPollSQL(p.names, d, queueParam, p.stats.capacity())
+		d, err := p.shape.get(ctx, p.pool, p.names)
+		if err != nil {
+			return "", nil, err
+		}
+		p.query = customPollSQL(p.names, d, p.opts.queues, p.stats.capacity())
+		if p.gate.on {
+			// The table as the pinned search_path finds it.
+			p.query += `, ` + gateColumnsOf(strconv.FormatInt(p.names.skipKey, 10)+"::int8", quoteLiteral(d.table), quoteLiteral(p.names.counter))
+		}
 	}
-	if p.gate.on {
-		return p.query + `, ` + gateColumns, args, nil
-	}
-	return p.query, args, nil
+	return p.query, nil, nil
 }
 
 // recheckFirst is WithClockSkew's first delay.
 const recheckFirst = 50 * time.Millisecond
 
 // wokeFor follows a wake-up for count due jobs (count 0: none were due)
-// with WithClockSkew's next poll, while its time lasts. The loop calls it;
-// others post it.
-func (p *Poller) wokeFor(count int64) {
+// with WithClockSkew's next poll, while its window lasts: a wake-up opens
+// a window of max skew, unless it came from a recheck, whose finding
+// never opens a new one. The loop calls it; others post it.
+func (p *Poller) wokeFor(count int64, fromRecheck bool) {
 	if p.opts.clockSkew <= 0 {
 		return
 	}
 	now := time.Now()
+	open := !p.recheckEnd.IsZero() && now.Before(p.recheckEnd)
 	switch {
 	case count == 0:
 		p.recheckEnd = time.Time{}
-	case p.recheckEnd.IsZero() || now.After(p.recheckEnd):
+		return
+	case !open && fromRecheck:
+		return
+	case !open:
 		p.recheckEnd = now.Add(p.opts.clockSkew)
 		p.recheck.reset()
-		fallthrough
-	default:
-		if at := now.Add(p.recheck.delay()); now.Before(p.recheckEnd) {
-			if at.After(p.recheckEnd) {
-				at = p.recheckEnd
-			}
-			earlier(&p.sched.scheduled, at)
-		}
 	}
+	at := now.Add(p.recheck.delay())
+	if at.After(p.recheckEnd) {
+		at = p.recheckEnd
+	}
+	earlier(&p.sched.recheckAt, at)
 }

@@ -18,6 +18,7 @@ type schedule struct {
 	gateNow      bool      // a poll now, called for by the notify gate's check
 	scheduled    time.Time // the earliest known future job is due; zero if none
 	trailAt      time.Time // a poll behind the notify gate; zero if none
+	recheckAt    time.Time // WithClockSkew's next poll; zero if none
 }
 
 // step is what is due at one moment.
@@ -25,6 +26,7 @@ type step struct {
 	poll      bool      // poll now
 	interval  bool      // it is the interval's poll (the repair check follows it)
 	trailOnly bool      // called for only behind the gate: it wakes workers only for what skipped
+	recheck   bool      // called for only by WithClockSkew: it opens no new window of rechecks
 	cause     wakeCause // for a poll: what its wake-ups count as
 	wakeAt    time.Time // when to step again, unless the schedule changes sooner
 }
@@ -41,19 +43,20 @@ func (s *schedule) step(now time.Time, fallback time.Duration) step {
 	reached := func(t time.Time) bool { return !t.IsZero() && !now.Before(t) }
 	var st step
 	st.interval = !now.Before(s.nextInterval)
-	st.poll = s.pollNow || s.gateNow || st.interval || reached(s.scheduled) || reached(s.trailAt)
-	st.trailOnly = reached(s.trailAt) && !s.pollNow && !s.gateNow && !st.interval && !reached(s.scheduled)
+	st.poll = s.pollNow || s.gateNow || st.interval || reached(s.scheduled) || reached(s.trailAt) || reached(s.recheckAt)
+	st.trailOnly = reached(s.trailAt) && !s.pollNow && !s.gateNow && !st.interval && !reached(s.scheduled) && !reached(s.recheckAt)
+	st.recheck = reached(s.recheckAt) && !s.pollNow && !s.gateNow && !st.interval && !reached(s.scheduled) && !reached(s.trailAt)
 	if st.poll {
 		switch {
 		case s.pollNow || st.interval:
 			st.cause = causePoll
-		case reached(s.scheduled):
+		case reached(s.scheduled), reached(s.recheckAt):
 			st.cause = causeScheduled
 		default:
 			st.cause = causeGate
 		}
 		s.pollNow, s.gateNow = false, false
-		for _, t := range []*time.Time{&s.scheduled, &s.trailAt} {
+		for _, t := range []*time.Time{&s.scheduled, &s.trailAt, &s.recheckAt} {
 			if reached(*t) {
 				*t = time.Time{}
 			}
@@ -68,7 +71,7 @@ func (s *schedule) step(now time.Time, fallback time.Duration) step {
 		}
 	}
 	st.wakeAt = s.nextInterval
-	for _, t := range []time.Time{s.scheduled, s.trailAt} {
+	for _, t := range []time.Time{s.scheduled, s.trailAt, s.recheckAt} {
 		if !t.IsZero() && t.Before(st.wakeAt) {
 			st.wakeAt = t
 		}

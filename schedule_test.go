@@ -90,3 +90,23 @@ func TestEarlier(t *testing.T) {
 		t.Fatal("sooner: set")
 	}
 }
+
+// TestClockSkewRechecksEnd: WithClockSkew's rechecks of a job that stays
+// due (a worker holds it) end with their window: a recheck's finding
+// never opens a new one.
+func TestClockSkewRechecksEnd(t *testing.T) {
+	p := &Poller{opts: options{clockSkew: 200 * time.Millisecond}, recheck: backoff{min: recheckFirst, max: 200 * time.Millisecond}}
+	p.wokeFor(1, false) // a notification's wake-up
+	rechecks := 0
+	for !p.sched.recheckAt.IsZero() {
+		if rechecks++; rechecks > 10 {
+			t.Fatal("rechecks go on")
+		}
+		time.Sleep(time.Until(p.sched.recheckAt)) // as the loop waits for it
+		p.sched.recheckAt = time.Time{}
+		p.wokeFor(1, true) // the job is still due
+	}
+	if rechecks < 2 {
+		t.Fatalf("%d rechecks", rechecks)
+	}
+}

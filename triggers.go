@@ -230,8 +230,8 @@ func (n names) stateSQL(gate bool) string {
 
 // describeSQL is a DO statement that has the server read the table's
 // JobTable ("describe" in triggers.sql) and leaves its reading in the
-// describedSetting, for the rest of the transaction: the Pending
-// expression, a newline, and the record.
+// describedSetting's settings, for the rest of the transaction: the
+// Pending expression, the record and the table's qualified name.
 func (n names) describeSQL() string {
 	return "DO " + dollarQuote("jobwatch", n.render("describe_only", n.sqlData(false, true)))
 }

@@ -28,8 +28,8 @@ Two rules hold everywhere below:
 
 {{- define "look_custom"}}
         -- The rows this statement left pending, by queue: how many are
-        -- due, and the earliest due later. %2$s is PostgreSQL's reading of
-        -- JobTable.Pending.
+        -- due, and the earliest due later. The condition below is
+        -- PostgreSQL's reading of JobTable.Pending.
         SELECT coalesce(pg_catalog.sum(g.due), 0)::pg_catalog.int8, pg_catalog.min(g.next_at),
                pg_catalog.array_agg(g.queue), pg_catalog.array_agg(g.due), pg_catalog.array_agg(g.next_at)
           INTO due, next_at, queues, dues, nexts
@@ -99,8 +99,19 @@ Two rules hold everywhere below:
     DECLARE
         typ pg_catalog.text;
         category pg_catalog."char";
+        -- The reading must mean the same in every session: its literals
+        -- are printed with these settings, the caller's put back after.
+        settings pg_catalog.text[] := '{DateStyle,IntervalStyle,TimeZone,bytea_output,extra_float_digits}';
+        pinned pg_catalog.text[] := '{"ISO, MDY",postgres,UTC,hex,1}';
+        saved pg_catalog.text[];
     BEGIN
+    SELECT pg_catalog.array_agg(pg_catalog.current_setting(n) ORDER BY i) INTO saved FROM pg_catalog.unnest(settings) WITH ORDINALITY AS x(n, i);
+    PERFORM pg_catalog.set_config(settings[i], pinned[i], true) FROM pg_catalog.generate_subscripts(settings, 1) AS i;
 {{- if .PendingText}}
+    IF NOT pg_catalog.has_database_privilege(pg_catalog.current_database(), 'TEMPORARY') THEN
+        RAISE EXCEPTION 'jobwatch: role % may not create temporary tables in this database, which reading JobTable.Pending needs: GRANT TEMPORARY ON DATABASE to it',
+            current_user USING ERRCODE = '42501';
+    END IF;
     BEGIN
         EXECUTE pg_catalog.format('CREATE TEMPORARY TABLE jobwatch_describe (LIKE %s)', tbl);
         EXECUTE 'CREATE INDEX ON pg_temp.jobwatch_describe ((1)) WHERE (' || {{lit .PendingText}} || ')';
@@ -112,6 +123,12 @@ Two rules hold everywhere below:
     END;
 {{- end}}
     pred := coalesce(pred, 'true');
+    IF pg_catalog.strpos(pred, E'\\') > 0 THEN
+        -- A backslash in a literal reads differently where
+        -- standard_conforming_strings is off.
+        RAISE EXCEPTION 'jobwatch: table %: Pending % cannot be watched: its reading % holds a backslash', {{lit .Raw}}, {{lit .PendingText}}, pred
+            USING ERRCODE = '{{.InvalidCode}}';
+    END IF;
 {{- range .DescColumns}}
     SELECT pg_catalog.format_type(a.atttypid, NULL), t.typcategory INTO typ, category
       FROM pg_catalog.pg_attribute a JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
@@ -130,6 +147,7 @@ Two rules hold everywhere below:
     END;
 {{- end}}
     described := pg_catalog.json_build_object('pending', pred, 'run_at', {{.RunAtLit}}, 'run_at_time_zone', {{.ZoneLit}}, 'queue', {{.QueueLit}})::pg_catalog.text;
+    PERFORM pg_catalog.set_config(settings[i], saved[i], true) FROM pg_catalog.generate_subscripts(settings, 1) AS i;
     END;
 {{- end}}
 
@@ -143,7 +161,9 @@ BEGIN
         RAISE EXCEPTION 'jobwatch: table % does not exist', {{lit .Raw}} USING ERRCODE = '42P01';
     END IF;
     PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);{{template "describe" .}}
-    PERFORM pg_catalog.set_config({{lit .DescribedSetting}}, pg_catalog.concat_ws(E'\n', pred, described, tbl), true);
+    PERFORM pg_catalog.set_config({{lit .DescribedSetting}} || '_pred', pred, true),
+            pg_catalog.set_config({{lit .DescribedSetting}} || '_record', described, true),
+            pg_catalog.set_config({{lit .DescribedSetting}} || '_table', tbl::pg_catalog.text, true);
 END
 {{end}}
 

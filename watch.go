@@ -152,7 +152,7 @@ func (w *Watch) notified(msg Notification) {
 		// delivered counts as dropped.
 		w.stats.wake(max(min(p.Due, w.stats.room()), 1), causeNotification)
 		if w.poller.opts.clockSkew > 0 {
-			w.poller.post(func() { w.poller.wokeFor(p.Due) })
+			w.poller.post(func() { w.poller.wokeFor(p.Due, false) })
 		}
 	}
 }
