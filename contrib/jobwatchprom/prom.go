@@ -18,7 +18,7 @@
 //	delivery_round_trip_seconds        the last probe's NOTIFY-to-Listener time
 //	notify_queue_usage_ratio           the server's notification queue in use, 0 to 1
 //	notifications_total                notifications on the table's channel
-//	notifications_working              1 while the delivery check finds they arrive
+//	notifications_working              1 while the watch relies on notifications (0: it polls at its fallback interval)
 //	wakeups_total{cause}               JobAvailable sent: notification, poll, scheduled, gate, reconnect
 //	wakeups_dropped_total              JobAvailable dropped, the channel full
 //	polls_total, poll_errors_total     polls run, and those that failed
@@ -79,7 +79,7 @@ var (
 	notifyQueueUsage      = desc("notify_queue_usage_ratio", "The server's notification queue in use, 0 to 1, at the last probe.")
 
 	notifications        = desc("notifications_total", "Notifications on the table's channel.", "table")
-	notificationsWorking = desc("notifications_working", "1 while the delivery check finds notifications reach the watch.", "table")
+	notificationsWorking = desc("notifications_working", "1 while the watch relies on notifications; 0 while it polls at its fallback interval because they fail it.", "table")
 	wakeups              = desc("wakeups_total", "JobAvailable messages sent, by what called for them.", "table", "cause")
 	wakeupsDropped       = desc("wakeups_dropped_total", "JobAvailable messages dropped because the wake channel was full.", "table")
 	polls                = desc("polls_total", "Polls of the table.", "table")
