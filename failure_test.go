@@ -74,6 +74,7 @@ func TestStalledConsumer(t *testing.T) {
 	eventually(t, "first poll", func() bool { return ws.Stats().Polls >= 1 })
 
 	const jobs = 5000
+	start := time.Now()
 	conn, err := d.pool.Acquire(ctx)
 	require.NoError(t, err)
 	for range jobs {
@@ -95,7 +96,9 @@ func TestStalledConsumer(t *testing.T) {
 	})
 	s := ws.Stats()
 	assert.GreaterOrEqual(t, s.WakeupsDropped, uint64(jobs-1))
-	assert.LessOrEqual(t, lg.count("wake channel full"), 2, "logged at most once per interval")
+	// One line when it begins (debug), then at most one per interval
+	// (10s) while it lasts: a loaded machine makes it last longer.
+	assert.LessOrEqual(t, lg.count("wake channel full"), 2+int(time.Since(start)/(10*time.Second)), "logged at most once per interval")
 }
 
 // TestServerRestart: every backend of the database is terminated at once,
