@@ -46,6 +46,7 @@ var steps = []struct {
 	{"scheduled", (*bench).scheduled},
 	{"gue", (*bench).gueLatency},
 	{"producers", (*bench).producers},
+	{"consumer", (*bench).consumerProducers},
 	{"jobtable", (*bench).jobTableProducers},
 	{"fanin", (*bench).fanIn},
 	{"fleet", (*bench).fleet},

@@ -75,9 +75,9 @@ func (b *bench) producers() error {
 }
 
 // floorUnderLoad: the bare LISTEN floor, one INSERT at a time, while the
-// producers insert into a table without a trigger: what a notification
+// producers insert into table, one without a trigger: what a notification
 // costs on this machine under that load, whoever sends it.
-func (b *bench) floorUnderLoad(pool *pgxpool.Pool, dur time.Duration) ([]time.Duration, error) {
+func (b *bench) floorUnderLoad(pool *pgxpool.Pool, table string, dur time.Duration) ([]time.Duration, error) {
 	f, err := b.newFloor()
 	if err != nil {
 		return nil, err
@@ -103,7 +103,7 @@ func (b *bench) floorUnderLoad(pool *pgxpool.Pool, dur time.Duration) ([]time.Du
 			lat = append(lat, d)
 		}
 	}()
-	_, err = insertFor(b.ctx, pool, "prod_none", dur, nil)
+	_, err = insertFor(b.ctx, pool, table, dur, nil)
 	<-done
 	if err == nil {
 		err = probeErr
@@ -209,7 +209,7 @@ func (b *bench) wakeUnderLoad(pool *pgxpool.Pool, dur time.Duration) error {
 		lat = append(lat, max(fetched[id].Sub(c), 0))
 	}
 	s := w.Stats()
-	under, err := b.floorUnderLoad(pool, dur)
+	under, err := b.floorUnderLoad(pool, "prod_none", dur)
 	if err != nil {
 		return err
 	}
