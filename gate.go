@@ -124,7 +124,8 @@ func (p *Poller) gateSoon() {
 // when it calls for one.
 func (p *Poller) gateChecked(open bool, skips int64, readable bool) {
 	p.post(func() {
-		if p.gateSeen(open, skips, readable) {
+		// In a fleet, the process chosen for the counter's value polls.
+		if p.gateSeen(open, skips, readable) && p.fleet.chosenFor(uint64(skips)) {
 			p.sched.gateNow = true
 		}
 	})

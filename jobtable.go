@@ -324,18 +324,25 @@ func jobExprs(t JobTable) exprs {
 // pinned search_path.
 func customPollSQL(n names, d described, queues []string, limit int) string {
 	e := jobExprs(n.job)
+	where := customWhere(n, d, queues)
+	table := d.table
+	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
+		(SELECT extract(epoch FROM min(` + e.dueAt + `) - now())::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
+		extract(epoch FROM clock_timestamp())::float8`
+}
+
+// customWhere is the condition of a JobTable's pending rows (the row is
+// j), of the queues watched when there are any.
+func customWhere(n names, d described, queues []string) string {
 	where := `(` + d.pred + `)`
 	if len(queues) > 0 {
 		lits := make([]string, len(queues))
 		for i, q := range queues {
 			lits[i] = quoteLiteral(q)
 		}
-		where += ` AND ` + e.queue + ` = ANY (ARRAY[` + strings.Join(lits, ", ") + `]::text[])`
+		where += ` AND ` + jobExprs(n.job).queue + ` = ANY (ARRAY[` + strings.Join(lits, ", ") + `]::text[])`
 	}
-	table := d.table
-	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
-		(SELECT extract(epoch FROM min(` + e.dueAt + `) - now())::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
-		extract(epoch FROM clock_timestamp())::float8`
+	return where
 }
 
 // pinnedSearchPath is the search_path the trigger functions of a JobTable

@@ -135,11 +135,13 @@ func TestJobTableDefaultIsIHPs(t *testing.T) {
 		assert.Equal(t, jobwatch.CreateNotificationTriggerSQL(table), jobwatch.CreateNotificationTriggerSQLFor(table, jobwatch.IHPJobTable))
 	}
 	assert.NotEqual(t, jobwatch.CreateNotificationTriggerSQL("jobs"), jobwatch.CreateNotificationTriggerSQLFor("jobs", jobwatch.JobTable{RunAt: "run_at"}))
-	// The scripts, with the gate and without, as the release before
-	// JobTable made them: installed triggers stay current.
+	// The scripts, with the gate and without, as this release makes them
+	// (the release before JobTable's, plus the transaction's id in every
+	// payload, for WithFleet): a change here makes every installed
+	// trigger function out of date, so it must be meant.
 	hash := func(s string) string { h := sha256.Sum256([]byte(s)); return hex.EncodeToString(h[:]) }
-	assert.Equal(t, "8369f846c9822dd8131104f0f9b919c0e8171f61c404f6f05318d77f0a021450", hash(jobwatch.CreateNotificationTriggerSQL("jobs")))
-	assert.Equal(t, "64a10f6d919286f911ab612d48607f0cf4cc92693f4763964065b79d396c8b60",
+	assert.Equal(t, "4e9031c718780540403394c8bf4d1526eca13a74332f88690ecdaea90ebe0bf9", hash(jobwatch.CreateNotificationTriggerSQL("jobs")))
+	assert.Equal(t, "e24934b4e64872f911183b8d1dcbea204102c5e5a773abdc5cd592ab05b0e0f0",
 		hash(jobwatch.CreateNotificationTriggerSQLWith("jobs", jobwatch.WithNotifyGate(false))))
 }
 

@@ -56,8 +56,12 @@ type Listener struct {
 	pending   bool            // subs changed since the loop last applied them
 	interrupt context.CancelFunc
 	callbacks []*reconnectCallback
-	started   bool
-	closed    bool
+	presence  map[int32]int // keys to hold on the connection (see present), with their users
+	// presenceChanged: presence changed, or a new connection holds none
+	// yet, since the loop last applied it.
+	presenceChanged bool
+	started         bool
+	closed          bool
 
 	stats   listenerCounters
 	connLog connLog // the connection loop's alone

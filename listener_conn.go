@@ -46,8 +46,13 @@ type connState struct {
 	ready  bool           // up, and the OnReconnect callbacks have run on this connection
 	tried  bool           // the first attempt is over
 	server serverIdentity // what the connection said of its server at connect
-	err    error          // the last connection error; nil if none
-	errAt  time.Time
+	pid    uint32         // the connection's backend process id
+	// present are the presence keys held on the connection now (see
+	// present): a map replaced on change, never written.
+	present map[int32]bool
+	refused map[int32]bool // presence keys another session holds already: not held
+	err     error          // the last connection error; nil if none
+	errAt   time.Time
 	// reachable: the last failure was not one of reaching the server
 	// (it answered, then refused the LISTEN or dropped the connection),
 	// so a hint that the server answers again does not help.
@@ -148,6 +153,7 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, failure) {
 		listening[ch] = true
 	}
 	l.pending = false
+	l.presenceChanged = true
 	l.mu.Unlock()
 	if err := execListen(ctx, conn, "LISTEN", keys(listening)); err != nil {
 		_ = conn.Close(context.Background())
@@ -161,7 +167,8 @@ func (l *Listener) connect() (*pgx.Conn, map[string]bool, failure) {
 	}
 	l.setState(func(s *connState) {
 		s.gen++
-		s.up, s.tried, s.server = true, true, id
+		s.up, s.tried, s.server, s.pid = true, true, id, conn.PgConn().PID()
+		s.present, s.refused = nil, nil
 	})
 	l.connLog.connected(l.config.Host)
 	return conn, listening, failure{}
@@ -236,6 +243,9 @@ func (l *Listener) serve(conn *pgx.Conn, listening map[string]bool) error {
 	defer func() { stopWait() }()
 	for {
 		if err := l.apply(conn, listening); err != nil {
+			return err
+		}
+		if err := l.applyPresence(conn); err != nil {
 			return err
 		}
 		if err := health.run(l.ctx, conn, l.healthChannel, l.opts.healthCheckTimeout, &l.stats); err != nil {

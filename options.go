@@ -30,16 +30,17 @@ const (
 	optJobTable
 	optQueues
 	optClockSkew
+	optFleet
 )
 
 var optionNames = []string{"WithLogger", "WithJitter", "WithHealthCheck", "WithDropLogInterval",
 	"WithNotifyGate", "WithInstallBackoff", "WithDeliveryCheck", "WithFallbackPollInterval",
-	"WithJobTable", "WithQueues", "WithClockSkew"}
+	"WithJobTable", "WithQueues", "WithClockSkew", "WithFleet"}
 
 // Where each option applies.
 const (
 	scopeListener = optLogger | optHealthCheck | optDeliveryCheck
-	scopeWatch    = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optFallbackPoll | optJobTable | optQueues | optClockSkew
+	scopeWatch    = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optFallbackPoll | optJobTable | optQueues | optClockSkew | optFleet
 	scopePoll     = optLogger | optJitter | optDropLogInterval | optNotifyGate | optInstallBackoff | optJobTable | optQueues | optClockSkew
 	scopeTriggers = optLogger | optNotifyGate | optJobTable
 	scopeDiagnose = optJobTable
@@ -63,6 +64,8 @@ type options struct {
 	job                 JobTable
 	queues              []string
 	clockSkew           time.Duration
+	fleet               bool
+	room                func() int
 }
 
 const (
@@ -113,6 +116,9 @@ func buildOptions(scope optionSet, opts []Option) (options, error) {
 	}
 	if o.set&optQueues != 0 && o.job.Queue == "" {
 		o.invalid = append(o.invalid, "WithQueues needs WithJobTable with a Queue column")
+	}
+	if o.fleet && o.job != IHPJobTable && o.job.RunAt == "" {
+		o.invalid = append(o.invalid, "WithFleet needs a JobTable with a RunAt column: a job's age is what tells that the process chosen for it did not take it")
 	}
 	if len(o.invalid) > 0 {
 		return o, fmt.Errorf("%w: %s", ErrInvalidOption, strings.Join(o.invalid, "; "))
@@ -220,6 +226,36 @@ func WithClockSkew(max time.Duration) Option {
 	return func(o *options) {
 		o.mark(optClockSkew, max < 0, "WithClockSkew(%v): negative", max)
 		o.clockSkew = max
+	}
+}
+
+// WithFleet makes a watch one member of its table's fleet: the processes
+// that watch the table (for the same queues) with WithFleet share its
+// wake-ups, so that a job wakes one process instead of every one, and one
+// fetch query runs per job instead of one per process. It applies to the
+// watch functions.
+//
+// room, when not nil, says how many more jobs the caller can start now
+// (its free slots); the wake channel's own room counts too. It is called
+// on the Listener's delivery goroutine for each notification the process
+// is chosen for, so it must return at once, typically len and cap of a
+// semaphore channel. A process chosen for more jobs than it has room for
+// passes the rest to the next process.
+//
+// Membership is the Listener's: its connection holds an advisory lock
+// that pg_locks shows, and only sessions whose role may UPDATE the table
+// count. A chosen process that is killed, stalled or cut off leaves its
+// jobs to the others: every member checks every 500ms for jobs due for
+// 250ms that no one took, and those with room wake for them. Each process
+// sends that check, one query for all its tables, every 500ms.
+// docs/many-workers.md has the design and the figures.
+//
+// For a JobTable other than IHP's, the table needs a RunAt column (that
+// check reads it); jobs whose RunAt is NULL are not rescued.
+func WithFleet(room func() int) Option {
+	return func(o *options) {
+		o.mark(optFleet, false, "")
+		o.fleet, o.room = true, room
 	}
 }
 

@@ -16,7 +16,11 @@ import (
 //	"poll"        look at the table: a transaction past its bound of
 //	              notifications, or a partition's row trigger
 //
-// A gated trigger (WithNotifyGate) puts "g:" before each. For a JobTable
+// A gated trigger (WithNotifyGate) puts "g:" before each, and every
+// trigger puts "x:<xid> " first: the notifying transaction's id, the same
+// for every watch that receives it, which WithFleet ranks processes by. A
+// busy process of a fleet passes a wake-up on with "x:<xid> f:<rank> "
+// before "due:<n>". For a JobTable
 // with a Queue column, " q:<queue>" after "due:<n>" or "at:<epoch>" names
 // the queue of the jobs announced (the rest of the payload, whatever it
 // holds). Any payload wakes an IHP worker, which ignores it.
@@ -26,6 +30,8 @@ const (
 	payloadPoll  = "poll"
 	payloadGated = "g:"
 	payloadQueue = " q:"
+	payloadKey   = "x:"
+	payloadHop   = "f:"
 )
 
 // maxDueCount caps the count of due rows a statement's notification
@@ -75,6 +81,13 @@ type Payload struct {
 	// (which may be ""): a JobTable with a Queue column (see WithQueues).
 	Queued bool
 	Queue  string
+	// Key is the notifying transaction's id ("x:<xid>"), which every
+	// receiver sees alike; 0 when the payload has none (IHP's triggers,
+	// or jobwatch's before WithFleet).
+	Key uint64
+	// Hop is, for a wake-up passed on by a busy process of a fleet
+	// (WithFleet), the rank of the process it is passed to; 0 otherwise.
+	Hop int
 }
 
 // ParsePayload decodes a notification payload sent on a table's channel
@@ -82,6 +95,7 @@ type Payload struct {
 // one due job, as IHP's empty payload does.
 func ParsePayload(p string) Payload {
 	var out Payload
+	out.Key, out.Hop, p = cutKey(p)
 	if rest, ok := strings.CutPrefix(p, payloadGated); ok {
 		p, out.Gated = rest, true
 	}
@@ -106,6 +120,30 @@ func ParsePayload(p string) Payload {
 	out.Due = 1
 	return out
 }
+
+// cutKey takes "x:<key> " and then "f:<hop> " off the front of p; a
+// malformed key leaves p as it is.
+func cutKey(p string) (key uint64, hop int, rest string) {
+	k, ok := strings.CutPrefix(p, payloadKey)
+	if !ok {
+		return 0, 0, p
+	}
+	digits, after, ok := strings.Cut(k, " ")
+	n, err := strconv.ParseUint(digits, 10, 64)
+	if !ok || err != nil || n == 0 {
+		return 0, 0, p
+	}
+	if h, more, ok := strings.Cut(after, " "); ok && strings.HasPrefix(h, payloadHop) {
+		if r, err := strconv.Atoi(h[len(payloadHop):]); err == nil && r > 0 && r <= maxHop {
+			return n, r, more
+		}
+	}
+	return n, 0, after
+}
+
+// maxHop bounds the ranks a wake-up is passed along: a payload naming a
+// larger one was not sent by a fleet.
+const maxHop = 1 << 16
 
 // String says what the payload announces, in words.
 func (p Payload) String() string {

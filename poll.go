@@ -36,6 +36,7 @@ type Poller struct {
 	fallback  time.Duration // the interval while fallbackCause gives a cause
 	watching  bool          // a watch's poller: it polls at its fallback interval while notifications fail it
 	monitor   *poolMonitor  // a watch's Listener and pool's; nil for a watch that joined a closed Listener
+	fleet     *fleet        // WithFleet: set before start
 
 	stop     chan struct{} // closed by Close: the loop ends after its query in flight
 	done     chan struct{}
@@ -247,6 +248,12 @@ func (p *Poller) Stats() Stats {
 	}
 	if p.watching {
 		s.NotificationsWorking, s.NotificationsChangedAt = cause == "", at
+	}
+	if f := p.fleet; f != nil {
+		ms, _ := f.members.Load().([]int32)
+		rank, _ := f.rank(0)
+		s.Fleet = FleetStats{Members: len(ms), Member: rank >= 0, Chosen: f.chosen.Load(), Left: f.left.Load(),
+			Passed: f.passed.Load(), Dropped: f.dropped.Load()}
 	}
 	return s
 }

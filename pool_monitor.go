@@ -28,6 +28,7 @@ type poolMonitor struct {
 	mu        sync.Mutex
 	pollers   map[*Poller]bool // the watches' pollers
 	gate      *gateCheck       // started by the first poller that follows a gate
+	fleet     *fleetCheck      // started by the first poller in a fleet
 	working   bool
 	changedAt time.Time
 }
@@ -62,6 +63,9 @@ func joinMonitor(l *Listener, pool *pgxpool.Pool, p *Poller) *poolMonitor {
 	if m.gate == nil && p.gate.on {
 		m.gate = startGateCheck(m)
 	}
+	if m.fleet == nil && p.fleet != nil {
+		m.fleet = startFleetCheck(m)
+	}
 	m.mu.Unlock()
 	return m
 }
@@ -89,7 +93,7 @@ func (m *poolMonitor) leave(p *Poller) {
 	m.mu.Lock()
 	delete(m.pollers, p)
 	last := len(m.pollers) == 0
-	gate := m.gate
+	gate, fleet := m.gate, m.fleet
 	m.mu.Unlock()
 	if k := (monitorKey{m.l, m.pool}); last && monitors.m[k] == m {
 		delete(monitors.m, k)
@@ -100,6 +104,7 @@ func (m *poolMonitor) leave(p *Poller) {
 		<-m.done
 		m.delivery.stop()
 		gate.stop()
+		fleet.stop()
 	}
 }
 

@@ -37,6 +37,8 @@ type Stats struct {
 	// closed, the triggers do not notify and cannot be repaired, or the
 	// notify gate's skip counter cannot be read. "" while it does not.
 	FallbackCause string
+	// Fleet is the watch's membership of its table's fleet (WithFleet).
+	Fleet FleetStats
 }
 
 // Wakeups counts JobAvailable messages sent, by what called for them.
@@ -46,6 +48,20 @@ type Wakeups struct {
 	Scheduled    uint64 // a poll at the moment a job scheduled for later became due
 	Gate         uint64 // a poll behind the notify gate: transactions skipped their NOTIFY
 	Reconnect    uint64 // the Listener reconnected: notifications sent meanwhile are lost
+	// Rescue: in a fleet (WithFleet), jobs due for a while that the
+	// process chosen for them did not take.
+	Rescue uint64
+}
+
+// FleetStats are a watch's counts as a member of its table's fleet
+// (WithFleet); all zero outside one.
+type FleetStats struct {
+	Members int    // the members the last check saw, this process included when it is one
+	Member  bool   // this process is a member now: its presence lock is held, and the last check saw it
+	Chosen  uint64 // notifications this process was chosen for (passed to it included)
+	Left    uint64 // notifications left to the member chosen for them
+	Passed  uint64 // wake-ups passed on to the next member for want of room
+	Dropped uint64 // passes that could not be sent (the rescue finds their jobs)
 }
 
 // ListenerStats is a snapshot of a Listener's counters, for metrics.
@@ -142,6 +158,7 @@ func (c *counters) snapshot() Stats {
 			Scheduled:    c.causes[causeScheduled].Load(),
 			Gate:         c.causes[causeGate].Load(),
 			Reconnect:    c.causes[causeReconnect].Load(),
+			Rescue:       c.causes[causeRescue].Load(),
 		},
 	}
 	if e := c.lastErr.Load(); e != nil {

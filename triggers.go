@@ -128,9 +128,12 @@ func (n names) sqlData(gate, mayPartition bool) *scriptData {
 	if n.table.schema != "" {
 		schemaKey = quoteLiteral(n.table.schema)
 	}
-	prefix := "''"
+	// The transaction's id first, the same in every statement's
+	// notifications of a transaction, so that PostgreSQL still merges
+	// identical ones.
+	prefix := "pg_catalog.concat(" + quoteLiteral(payloadKey) + ", pg_catalog.txid_current(), ' ')"
 	if gate {
-		prefix = quoteLiteral(payloadGated)
+		prefix = "pg_catalog.concat(" + quoteLiteral(payloadKey) + ", pg_catalog.txid_current(), ' ', " + quoteLiteral(payloadGated) + ")"
 	}
 	d := &scriptData{
 		Raw: n.table.raw, TableQuoted: n.table.quoted(), TableFmt: strings.ReplaceAll(n.table.quoted(), "%", "%%"),

@@ -39,6 +39,7 @@ const (
 	causeScheduled
 	causeGate
 	causeReconnect
+	causeRescue
 	numCauses
 )
 

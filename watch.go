@@ -119,6 +119,9 @@ func WatchForJobWithPollerTriggerRepair(ctx context.Context, repair bool,
 		w.removeReconnect()
 		return nil, fmt.Errorf("jobwatch: watch %s: %w", tableName, err)
 	}
+	if o.fleet {
+		w.poller.fleet = joinFleet(listener, pool, n.channel, o)
+	}
 	w.poller.monitor = joinMonitor(listener, pool, w.poller)
 	w.poller.start(context.WithoutCancel(ctx))
 	w.started.Store(true)
@@ -135,6 +138,12 @@ func (w *Watch) notified(msg Notification) {
 	}
 	w.stats.notifications.Add(1)
 	p := ParsePayload(msg.Payload)
+	if f := w.poller.fleet; f != nil && p.Key != 0 && !p.Poll {
+		var mine bool
+		if p, mine = f.share(p, w.stats, w.queues); !mine {
+			return // another process's, or passed on
+		}
+	}
 	if p.Gated {
 		w.poller.gateSoon()
 	}
@@ -173,6 +182,7 @@ func (w *Watch) Close() error {
 		w.closing.Unlock()
 		w.removeReconnect()
 		w.poller.monitor.leave(w.poller)
+		w.poller.fleet.leave()
 		w.listener.Unsubscribe(w.sub)
 		_ = w.poller.Close()
 		close(w.done)

@@ -330,7 +330,7 @@ CREATE TRIGGER did_update_job_jobs AFTER UPDATE ON "jobs" FOR EACH ROW WHEN (NEW
 	n, err := conn.WaitForNotification(ctx)
 	require.NoError(t, err)
 	assert.Equal(t, "job_available_jobs", n.Channel)
-	assert.Equal(t, "g:", n.Payload, "one due job, from the notify gate's holder")
+	assert.Equal(t, "g:", withoutKey(t, n.Payload), "one due job, from the notify gate's holder")
 }
 
 // TestStatusAsText: a text status column works like the enum.

@@ -1,0 +1,282 @@
+package jobwatch_test
+
+import (
+	"context"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jobwatch-go/jobwatch"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// A fleet (WithFleet): processes watching one table share its wake-ups.
+// Each member below is what a process is, a Listener of its own (its own
+// session, so its own presence lock) with a watch and a worker that
+// fetches one job per query on each wake-up until none is due.
+
+// fleetMember is one member and its worker.
+type fleetMember struct {
+	w       *jobwatch.Watch
+	l       *jobwatch.Listener
+	wake    chan jobwatch.Message
+	fetches atomic.Int64 // fetch queries sent
+	got     atomic.Int64 // jobs fetched
+	busy    atomic.Bool  // room() says 0 while set
+	paused  atomic.Bool  // the worker does not read its channel while set
+	stop    context.CancelFunc
+	done    chan struct{}
+}
+
+// startFleet starts n members on table, each with its own Listener, and
+// waits until each sees all of them.
+func startFleet(t *testing.T, d db, table string, n int, logger jobwatch.Option) []*fleetMember {
+	t.Helper()
+	ms := make([]*fleetMember, n)
+	for i := range ms {
+		m := &fleetMember{wake: make(chan jobwatch.Message, 4), done: make(chan struct{})}
+		room := func() int {
+			if m.busy.Load() {
+				return 0
+			}
+			return 4
+		}
+		l := testListener(t, d.url, logger)
+		w, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, table, time.Hour, m.wake, logger, jobwatch.WithFleet(room))
+		require.NoError(t, err)
+		m.w, m.l = w, l
+		ctx, cancel := context.WithCancel(context.Background())
+		m.stop = cancel
+		go m.work(ctx, d, table)
+		t.Cleanup(func() { cancel(); <-m.done; _ = w.Close() })
+		ms[i] = m
+	}
+	eventually(t, "every member sees the whole fleet", func() bool {
+		for _, m := range ms {
+			if s := m.w.Stats().Fleet; !s.Member || s.Members != n {
+				return false
+			}
+		}
+		return true
+	})
+	for _, m := range ms { // the start-up's wake-ups
+		eventually(t, "first poll", func() bool { return m.w.Stats().Polls >= 1 })
+	}
+	return ms
+}
+
+// work fetches on each wake-up until no job is due; a fetched job is done
+// at once.
+func (m *fleetMember) work(ctx context.Context, d db, table string) {
+	defer close(m.done)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.wake:
+		}
+		for m.paused.Load() {
+			select {
+			case <-ctx.Done():
+				return
+			case <-time.After(time.Millisecond):
+			}
+		}
+		// Up to fleetBatch jobs a query, until a query finds fewer: one
+		// fetch query per wake-up when jobs come one at a time.
+		for {
+			m.fetches.Add(1)
+			var n int64
+			err := d.pool.QueryRow(ctx, `WITH f AS (UPDATE `+table+` SET status = 'job_status_succeeded', locked_at = now()
+				WHERE id IN (SELECT id FROM `+table+` WHERE status = 'job_status_not_started' AND run_at <= now()
+				ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED) RETURNING 1) SELECT count(*) FROM f`, fleetBatch).Scan(&n)
+			m.got.Add(n)
+			if err != nil || n < fleetBatch {
+				break
+			}
+		}
+	}
+}
+
+// fleetBatch is how many jobs a test worker fetches at most per query.
+const fleetBatch = 4
+
+// fleetTable is a job table whose jobs the fleet workers can fetch.
+func fleetTable(t *testing.T, d db, table string) {
+	t.Helper()
+	d.exec(t, `CREATE TABLE `+table+` (id bigserial PRIMARY KEY, status text NOT NULL DEFAULT 'job_status_not_started',
+		locked_by uuid, locked_at timestamptz, run_at timestamptz NOT NULL DEFAULT now(), created_at timestamptz NOT NULL DEFAULT now())`)
+}
+
+// fetched is how many jobs of table have been fetched.
+func fetched(t *testing.T, d db, table string) int {
+	var n int
+	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT count(*) FROM `+table+` WHERE status <> 'job_status_not_started'`).Scan(&n))
+	return n
+}
+
+// TestFleetOneWakePerJob: four members, jobs inserted one per
+// transaction; each is fetched by one member, with about one fetch query
+// per job in all, spread over the members.
+func TestFleetOneWakePerJob(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	logs, logger := newLogs(t)
+	fleetTable(t, d, "jobs")
+	ms := startFleet(t, d, "jobs", 4, logger)
+	before := int64(0)
+	for _, m := range ms {
+		before += m.fetches.Load()
+	}
+	const jobs = 100
+	for i := range jobs {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
+	}
+	var fetches, left, chosen int64
+	spread := 0
+	for _, m := range ms {
+		fetches += m.fetches.Load()
+		s := m.w.Stats()
+		left += int64(s.Fleet.Left)
+		chosen += int64(s.Fleet.Chosen)
+		if m.got.Load() > 0 {
+			spread++
+		}
+		assert.Zero(t, s.Wakeups.Rescue, "no job left behind")
+	}
+	fetches -= before
+	t.Logf("%d jobs: %d fetch queries; notifications chosen %d, left %d", jobs, fetches, chosen, left)
+	assert.LessOrEqual(t, fetches, int64(jobs*3/2), "at most 1.5 fetch queries per job (a fetch that finds the job, one that finds none)")
+	assert.Equal(t, int64(jobs), chosen, "each notification chosen once")
+	assert.Equal(t, int64(3*jobs), left)
+	assert.Equal(t, 4, spread, "every member ran jobs")
+	assert.Zero(t, logs.count("level=ERROR"), logs.String())
+}
+
+// TestFleetBusyChosen: a member with no room passes the wake-up on; every
+// job is fetched by another member, none by the busy one, and no job
+// waits for the rescue.
+func TestFleetBusyChosen(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, logger := newLogs(t)
+	fleetTable(t, d, "jobs")
+	ms := startFleet(t, d, "jobs", 3, logger)
+	ms[0].busy.Store(true)
+	const jobs = 30
+	for i := range jobs {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
+	}
+	s := ms[0].w.Stats()
+	assert.Zero(t, ms[0].got.Load(), "the busy member fetched nothing")
+	assert.Positive(t, s.Fleet.Passed, "it was chosen for some and passed them on")
+	for _, m := range ms {
+		assert.Zero(t, m.w.Stats().Wakeups.Rescue, "every pass arrived: no rescue")
+	}
+}
+
+// TestFleetStalledChosen: a member whose worker stops reading its
+// channel, and a session that holds a member's presence lock and never
+// acts (a process stopped, or cut off with its session alive): the jobs
+// chosen for them are found by the others' rescue, each within about a
+// second.
+func TestFleetStalledChosen(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, logger := newLogs(t)
+	fleetTable(t, d, "jobs")
+	ms := startFleet(t, d, "jobs", 2, logger)
+	ms[0].paused.Store(true)
+	const jobs = 10
+	for i := range jobs {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
+	}
+	assert.Positive(t, ms[1].w.Stats().Wakeups.Rescue, "the stalled member's jobs were rescued")
+	var late time.Duration
+	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT coalesce(max(locked_at - created_at), '0') FROM jobs`).Scan(&late))
+	t.Logf("longest wait: %v", late)
+	assert.Less(t, late, 1500*time.Millisecond, "no job waited much past the rescue's bound")
+}
+
+// TestFleetKilledChosen: a member's session is terminated (as a killed
+// process's is); its lock goes with it, and the others take every job.
+func TestFleetKilledChosen(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	_, logger := newLogs(t)
+	fleetTable(t, d, "jobs")
+	ms := startFleet(t, d, "jobs", 3, logger)
+	// A member that is only a session: it holds the presence lock of the
+	// fleet's key, as a process's Listener does, and never acts.
+	key := fleetKey(t, d)
+	ghost, err := pgx.Connect(ctxT(t), d.url)
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ghost.Close(context.Background()) })
+	var pid int32
+	var held bool
+	require.NoError(t, ghost.QueryRow(ctxT(t), "SELECT pg_backend_pid(), pg_try_advisory_lock($1::int4, pg_backend_pid())", key).Scan(&pid, &held))
+	require.True(t, held)
+	eventually(t, "the ghost is a member", func() bool { return ms[1].w.Stats().Fleet.Members == 4 })
+	for range 20 {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	}
+	d.exec(t, "SELECT pg_terminate_backend($1)", pid)
+	eventually(t, "every job fetched", func() bool { return fetched(t, d, "jobs") == 20 })
+	eventually(t, "the ghost is gone", func() bool { return ms[1].w.Stats().Fleet.Members == 3 })
+}
+
+// TestFleetAnotherRole: a role that may not write the table holds
+// presence locks named for its own pid and for a member's, and sends
+// payloads of its own on the channel. It never becomes a member, no job
+// waits for the rescue, and every job is fetched.
+func TestFleetAnotherRole(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	logs, logger := newLogs(t)
+	fleetTable(t, d, "jobs")
+	ms := startFleet(t, d, "jobs", 2, logger)
+	key := fleetKey(t, d)
+	intruder := connectAs(t, d, role(t, d))
+	_, err := intruder.Exec(ctxT(t), "SELECT pg_advisory_lock($1::int4, pg_backend_pid())", key)
+	require.NoError(t, err)
+	// Its lock on a member's pair waits, and takes nothing from the member.
+	var memberPid int32
+	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT min(pid) FROM pg_locks WHERE locktype = 'advisory'
+		AND classid = $1::int8 AND objsubid = 2 AND objid::int8 = pid AND pid <> $2
+		AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`, key, intruder.PgConn().PID()).Scan(&memberPid))
+	var took bool
+	require.NoError(t, intruder.QueryRow(ctxT(t), "SELECT pg_try_advisory_lock($1::int4, $2::int4)", key, memberPid).Scan(&took))
+	require.False(t, took)
+	_, err = intruder.Exec(ctxT(t), "SELECT pg_notify('job_available_jobs', 'x:1 f:1 due:1000'), pg_notify('job_available_jobs', 'x:99 ')")
+	require.NoError(t, err)
+	// Checks later the intruder is still not counted: the Listener's
+	// queries are its health, delivery, gate and fleet checks, the last
+	// two every 500ms.
+	checks := ms[0].l.Stats().Queries
+	eventually(t, "three more checks", func() bool { return ms[0].l.Stats().Queries >= checks+6 })
+	assert.Equal(t, 2, ms[0].w.Stats().Fleet.Members, "only the two members count")
+	const jobs = 30
+	for i := range jobs {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
+	}
+	for _, m := range ms {
+		assert.Zero(t, m.w.Stats().Wakeups.Rescue, "no job waited for the rescue")
+	}
+	assert.Zero(t, logs.count("level=ERROR"), logs.String())
+}
+
+// fleetKey is the presence key the test's fleet holds (every member the
+// same), read from pg_locks.
+func fleetKey(t *testing.T, d db) int32 {
+	t.Helper()
+	var key int64
+	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT DISTINCT classid::int8 FROM pg_locks
+		WHERE locktype = 'advisory' AND objsubid = 2 AND objid::int8 = pid AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&key))
+	return int32(key)
+}
