@@ -68,6 +68,8 @@ func (b *bench) fleet() error {
 		jobs         int
 		rate         float64 // jobs inserted a second: at most fleetRate, less when the machine is busy
 		notification uint64
+		max          time.Duration // the longest commit to fetch
+		rescues      uint64        // WithFleet: wake-ups for jobs the chosen process did not take
 	}
 	// fleetCase is what one measurement runs: procs processes watching
 	// tables tables, the first listening of them only listening (they
@@ -76,6 +78,11 @@ func (b *bench) fleet() error {
 	type fleetCase struct {
 		procs, tables, listening int
 		gate, idle, load         bool
+		fleet                    bool // WithFleet
+		// kill and stall processes are killed (SIGKILL) and stopped
+		// (SIGSTOP) a third into the load, the fleet's fetch counts then
+		// unread.
+		kill, stall int
 	}
 	measure := func(c fleetCase) (result, error) {
 		var r result
@@ -89,7 +96,7 @@ func (b *bench) fleet() error {
 				return r, err
 			}
 		}
-		f, err := startFleet(bin, url, c.procs, names, c.gate, c.listening)
+		f, err := startFleet(bin, url, c.procs, names, c.gate, c.listening, c.fleet)
 		if err != nil {
 			return r, err
 		}
@@ -119,6 +126,12 @@ func (b *bench) fleet() error {
 		var inserted atomic.Int64
 		errs := make([]error, fleetInserters)
 		var wg sync.WaitGroup
+		if c.kill+c.stall > 0 {
+			wg.Go(func() {
+				time.Sleep(time.Until(start.Add(deadline.Sub(start) / 3)))
+				f.disturb(c.kill, c.stall)
+			})
+		}
 		for k := range fleetInserters {
 			wg.Go(func() {
 				for i := k; ; i += fleetInserters {
@@ -153,12 +166,15 @@ func (b *bench) fleet() error {
 		}); err != nil {
 			return r, err
 		}
-		done, err := f.snapshot()
-		if err != nil {
-			return r, err
+		if c.kill+c.stall == 0 {
+			done, err := f.snapshot()
+			if err != nil {
+				return r, err
+			}
+			r.fetchesPerJ = float64(done.Fetches-after.Fetches) / float64(r.jobs)
+			r.notification = done.Notifications - after.Notifications
+			r.rescues = done.Rescues - after.Rescues
 		}
-		r.fetchesPerJ = float64(done.Fetches-after.Fetches) / float64(r.jobs)
-		r.notification = done.Notifications - after.Notifications
 		rows, err := admin.Query(b.ctx, "SELECT lat FROM ("+all+") j")
 		if err != nil {
 			return r, err
@@ -173,7 +189,7 @@ func (b *bench) fleet() error {
 			lat = append(lat, time.Duration(secs*float64(time.Second)))
 		}
 		rows.Close()
-		r.p50, r.p99 = percentile(lat, 50), percentile(lat, 99)
+		r.p50, r.p99, r.max = percentile(lat, 50), percentile(lat, 99), percentile(lat, 100)
 		return r, rows.Err()
 	}
 
@@ -196,7 +212,7 @@ func (b *bench) fleet() error {
 	// The herd's share: the whole fleet fetching, against the same fleet
 	// with all processes but one listening only, interleaved, since one
 	// run of each moves with the machine's noise.
-	var all, quiet []result
+	var all, quiet, shared []result
 	for range samples(3, 1) {
 		a, err := measure(fleetCase{procs: procs, tables: fleetTables, gate: true, load: true})
 		if err != nil {
@@ -206,7 +222,46 @@ func (b *bench) fleet() error {
 		if err != nil {
 			return err
 		}
-		all, quiet = append(all, a), append(quiet, q)
+		s, err := measure(fleetCase{procs: procs, tables: fleetTables, gate: true, load: true, fleet: true})
+		if err != nil {
+			return err
+		}
+		all, quiet, shared = append(all, a), append(quiet, q), append(shared, s)
+	}
+	// WithFleet at other sizes, each next to the same fleet fetching
+	// without it and to the listen-only control, one run each.
+	type sized struct {
+		procs                int
+		shared, herd, listen result
+	}
+	var sizes []sized
+	for _, n := range []int{samples(8, 4), samples(64, 0)} {
+		if n == 0 {
+			continue
+		}
+		var z sized
+		z.procs = n
+		if z.herd, err = measure(fleetCase{procs: n, tables: fleetTables, gate: true, load: true}); err != nil {
+			return err
+		}
+		if z.listen, err = measure(fleetCase{procs: n, tables: fleetTables, gate: true, load: true, listening: n - 1}); err != nil {
+			return err
+		}
+		if z.shared, err = measure(fleetCase{procs: n, tables: fleetTables, gate: true, load: true, fleet: true}); err != nil {
+			return err
+		}
+		sizes = append(sizes, z)
+	}
+	// Chosen processes that fail: of 8 (4 under -quick) with WithFleet, a
+	// quarter killed and a quarter stopped a third into the load.
+	small := samples(8, 4)
+	calm, err := measure(fleetCase{procs: small, tables: fleetTables, gate: true, idle: true, load: true, fleet: true})
+	if err != nil {
+		return err
+	}
+	hurt, err := measure(fleetCase{procs: small, tables: fleetTables, gate: true, load: true, fleet: true, kill: small / 4, stall: small / 4})
+	if err != nil {
+		return err
 	}
 	t1, err := measure(fleetCase{procs: 1, tables: 1, gate: true, idle: true})
 	if err != nil {
@@ -255,6 +310,29 @@ func (b *bench) fleet() error {
 	b.report(row{"same, commit to fetch p50 / p99, median of the runs",
 		ms(med(quiet, p50)) + " / " + ms(med(quiet, p99)), ms(med(all, p50)) + " / " + ms(med(all, p99)) + fmt.Sprintf(" (all %d fetching)", procs),
 		ratio(float64(med(quiet, p99)), float64(med(all, p99))), ""})
+	// WithFleet: one process woken per job.
+	b.report(row{fmt.Sprintf("%s, the gate on, WithFleet (one process woken per job), %d runs interleaved with the two above: fetch queries per job", fleet, len(shared)),
+		fmt.Sprintf("%.2f", fetches(shared)), fmt.Sprintf("%.1f (all %d fetching); %.2f (one process)", fetches(all), procs, one.fetchesPerJ),
+		ratio(fetches(shared), one.fetchesPerJ), "at most 1.5"})
+	b.report(row{"same, commit to fetch p50 / p99, median of the runs",
+		ms(med(shared, p50)) + " / " + ms(med(shared, p99)),
+		fmt.Sprintf("%s (one process); %s (%d listening only)", ms(one.p99), ms(med(quiet, p99)), procs-1),
+		ratio(float64(med(shared, p99)), float64(one.p99)), "at most 2x one process"})
+	for _, z := range sizes {
+		b.report(row{fmt.Sprintf("fleet of %d processes x %d tables, the gate on, WithFleet: fetch queries per job", z.procs, fleetTables),
+			fmt.Sprintf("%.2f", z.shared.fetchesPerJ), fmt.Sprintf("%.1f (all %d fetching); %.2f (one process)", z.herd.fetchesPerJ, z.procs, one.fetchesPerJ),
+			ratio(z.shared.fetchesPerJ, one.fetchesPerJ), "at most 1.5"})
+		b.report(row{"same, commit to fetch p50 / p99",
+			ms(z.shared.p50) + " / " + ms(z.shared.p99),
+			fmt.Sprintf("%s (one process); %s (all fetching); %s (%d listening only)", ms(one.p99), ms(z.herd.p99), ms(z.listen.p99), z.procs-1),
+			ratio(float64(z.shared.p99), float64(one.p99)), "at most 2x one process"})
+	}
+	b.report(row{fmt.Sprintf("fleet of %d processes x %d tables, WithFleet, idle: queries per second per process (the gate on; its check and the fleet's)", small, fleetTables),
+		fmt.Sprintf("%.1f q/s", calm.idle/float64(small)), fmt.Sprintf("%.1f q/s (without WithFleet, fleet of %d)", on.idle/float64(procs), procs),
+		ratio(calm.idle/float64(small), on.idle/float64(procs)), ""})
+	b.report(row{fmt.Sprintf("fleet of %d, WithFleet, %d killed (SIGKILL) and %d stopped (SIGSTOP) a third into the load, %d jobs: longest commit to fetch, p99", small, small/4, small/4, hurt.jobs),
+		ms(hurt.max) + ", p99 " + ms(hurt.p99), ms(calm.max) + ", p99 " + ms(calm.p99) + " (none disturbed)",
+		ratio(float64(hurt.max), float64(calm.max)), "no job waits more than 1s"})
 	return nil
 }
 
@@ -268,14 +346,14 @@ type fleetProcs struct {
 
 // fleetStats is what a runner process prints on SIGUSR1, summed.
 type fleetStats struct {
-	ListenerQueries, WatchQueries, Notifications, Polls, Fetches, Ran uint64
+	ListenerQueries, WatchQueries, Notifications, Polls, Fetches, Ran, Rescues uint64
 }
 
 func (s fleetStats) queries() uint64 { return s.ListenerQueries + s.WatchQueries }
 
 // startFleet starts n runner processes watching tables, the first
-// listening of them with -listen-only.
-func startFleet(bin, url string, n int, tables []string, gate bool, listening int) (*fleetProcs, error) {
+// listening of them with -listen-only, all -fleet with fleet.
+func startFleet(bin, url string, n int, tables []string, gate bool, listening int, fleet bool) (*fleetProcs, error) {
 	dsn, err := pgtest.WithParam(url, "pool_max_conns", "3")
 	if err != nil {
 		return nil, err
@@ -284,7 +362,8 @@ func startFleet(bin, url string, n int, tables []string, gate bool, listening in
 	ready := make(chan struct{}, n*len(tables))
 	for i := range n {
 		cmd := exec.Command(bin, "-table", strings.Join(tables, ","), "-concurrency", "2", "-poll", "1m",
-			"-job-duration", "0", "-fail-rate", "0", fmt.Sprintf("-gate=%v", gate), fmt.Sprintf("-listen-only=%v", i < listening))
+			"-job-duration", "0", "-fail-rate", "0", fmt.Sprintf("-gate=%v", gate), fmt.Sprintf("-listen-only=%v", i < listening),
+			fmt.Sprintf("-fleet=%v", fleet))
 		cmd.Env = append(os.Environ(), "DATABASE_URL="+dsn)
 		stdout, err := cmd.StdoutPipe()
 		if err != nil {
@@ -356,6 +435,7 @@ func (f *fleetProcs) snapshot() (fleetStats, error) {
 			sum.Polls += s.Polls
 			sum.Fetches += s.Fetches
 			sum.Ran += s.Ran
+			sum.Rescues += s.Rescues
 		case <-time.After(10 * time.Second):
 			return sum, fmt.Errorf("process %d did not report; its log:\n%s", i, f.logs[i].String())
 		}
@@ -363,8 +443,22 @@ func (f *fleetProcs) snapshot() (fleetStats, error) {
 	return sum, nil
 }
 
+// disturb kills the first kill processes and stops the next stall ones;
+// stop lets them go on before it ends them.
+func (f *fleetProcs) disturb(kill, stall int) {
+	for i, p := range f.procs {
+		switch {
+		case i < kill:
+			_ = p.Process.Signal(syscall.SIGKILL)
+		case i < kill+stall:
+			_ = p.Process.Signal(syscall.SIGSTOP)
+		}
+	}
+}
+
 func (f *fleetProcs) stop() {
 	for _, p := range f.procs {
+		_ = p.Process.Signal(syscall.SIGCONT)
 		_ = p.Process.Signal(syscall.SIGTERM)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -41,6 +41,9 @@ type Config struct {
 	Logger *slog.Logger // nil: slog.Default()
 	// Options are given to the watch, after WithLogger.
 	Options []jobwatch.Option
+	// Fleet makes the watch a member of the table's fleet
+	// (jobwatch.WithFleet), its room the runner's free slots.
+	Fleet bool
 	// Live, when set, counts what the runner does while it runs, and
 	// receives its watch.
 	Live *Live
@@ -76,8 +79,12 @@ func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c
 		return Counts{}, err
 	}
 	wake := make(chan jobwatch.Message, c.Concurrency)
-	watch, err := jobwatch.WatchForJob(ctx, pool, listener, c.Table, c.PollInterval, wake,
-		append([]jobwatch.Option{jobwatch.WithLogger(c.Logger)}, c.Options...)...)
+	slots := make(chan struct{}, c.Concurrency) // a place per running job
+	opts := append([]jobwatch.Option{jobwatch.WithLogger(c.Logger)}, c.Options...)
+	if c.Fleet {
+		opts = append(opts, jobwatch.WithFleet(func() int { return cap(slots) - len(slots) }))
+	}
+	watch, err := jobwatch.WatchForJob(ctx, pool, listener, c.Table, c.PollInterval, wake, opts...)
 	if err != nil {
 		return Counts{}, err
 	}
@@ -90,7 +97,7 @@ func Run(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, c
 	var workerID pgtype.UUID
 	_, _ = rand.Read(workerID.Bytes[:])
 	workerID.Valid = true
-	w := &worker{c: c, pool: pool, q: q, id: workerID, log: c.Logger, done: doneBatch{waiting: make(chan struct{}, 1)}}
+	w := &worker{c: c, pool: pool, q: q, id: workerID, log: c.Logger, slots: slots, done: doneBatch{waiting: make(chan struct{}, 1)}}
 	w.queued.w = w
 	c.Logger.Info("worker started", "table", c.Table, "concurrency", c.Concurrency, "worker_id", fmt.Sprintf("%x", workerID.Bytes))
 	if c.Ready != nil {
@@ -135,7 +142,6 @@ type worker struct {
 // stops, jobs read ahead and not started go back to the queue, and the loop
 // waits for the jobs it started and their recording.
 func (w *worker) fetchLoop(ctx context.Context, wake <-chan jobwatch.Message) {
-	w.slots = make(chan struct{}, w.c.Concurrency)
 	w.ahead = make(chan struct{}, w.c.Concurrency)
 	// Results wait here for the completer; a job's slot is free as soon
 	// as the job returns.

@@ -42,6 +42,7 @@ type config struct {
 	syncCommit   string
 	gate         bool
 	listenOnly   bool
+	fleet        bool
 }
 
 func main() {
@@ -58,6 +59,7 @@ func main() {
 	flag.IntVar(&c.enqueueLater, "enqueue-later", 0, "enqueue this many demo jobs scheduled 1 to 5 s ahead")
 	flag.StringVar(&c.syncCommit, "synchronous-commit", "on", "synchronous_commit for the worker's own bookkeeping (fetch, mark done); off trades a re-run of the last jobs after a server crash for fewer disk flushes")
 	flag.BoolVar(&c.listenOnly, "listen-only", false, "watch the tables and take the wake-ups, but never fetch a job (the fleet benchmark's herd-free control)")
+	flag.BoolVar(&c.fleet, "fleet", false, "share the tables' wake-ups with the other processes that watch them with -fleet (jobwatch.WithFleet): one process woken per job")
 	flag.BoolVar(&c.exitIdle, "exit-when-idle", false, "exit once no job is pending, scheduled or running")
 	flag.Parse()
 	if err := c.validate(); err != nil {
@@ -149,7 +151,7 @@ func run(c config, logger *slog.Logger) error {
 		wg.Go(func() {
 			counts, err := runner.Run(ctx, pool, listener, runner.Config{
 				Table: t, Concurrency: c.concurrency, PollInterval: c.pollInterval, StaleAfter: c.staleAfter,
-				MaxAttempts: c.maxAttempts, ExitWhenIdle: c.exitIdle, Logger: logger, Live: live[i],
+				MaxAttempts: c.maxAttempts, ExitWhenIdle: c.exitIdle, Logger: logger, Live: live[i], Fleet: c.fleet,
 				Options: []jobwatch.Option{jobwatch.WithNotifyGate(c.gate)},
 				Perform: func(_ context.Context, attempt int) error { return c.perform(attempt) },
 			})
@@ -191,7 +193,7 @@ func printStats(listener *jobwatch.Listener, live []*runner.Live) {
 	signal.Notify(usr1, syscall.SIGUSR1)
 	for range usr1 {
 		var s struct {
-			ListenerQueries, WatchQueries, Notifications, Polls, Fetches, Ran uint64
+			ListenerQueries, WatchQueries, Notifications, Polls, Fetches, Ran, Rescues uint64
 		}
 		s.ListenerQueries = listener.Stats().Queries
 		for _, l := range live {
@@ -200,6 +202,7 @@ func printStats(listener *jobwatch.Listener, live []*runner.Live) {
 				s.WatchQueries += ws.Queries
 				s.Notifications += ws.Notifications
 				s.Polls += ws.Polls
+				s.Rescues += ws.Wakeups.Rescue
 			}
 			s.Fetches += uint64(l.Fetches.Load())
 			s.Ran += uint64(l.Ran.Load())
