@@ -3,6 +3,8 @@ package jobwatch
 import (
 	"context"
 	"hash/fnv"
+	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"strconv"
 	"strings"
@@ -35,11 +37,13 @@ import (
 //
 // Rescue. A chosen process may be gone without its lock being gone yet (a
 // black-holed connection, a process stopped, one killed between two
-// checks), or a pass may be lost. So the same check counts each fleet
+// checks), or a pass may be lost. So in every fleetCheckEvery slot of the
+// clock, fleetCheckers members (ranked first for the slot) count the
 // table's jobs that have been due for fleetStale and are still pending:
-// such a job was not taken by the process chosen for it, and every member
-// with room is woken for it. A job waits at most about fleetStale plus
-// fleetCheckEvery for that, whatever the poll interval.
+// such a job was not taken by the process chosen for it, and the checker
+// wakes for it, passing on what it has no room for. A job waits at most
+// about fleetStale plus fleetCheckEvery for that, whatever the poll
+// interval, unless every checker of a slot is stopped too.
 
 const (
 	fleetCheckEvery = 500 * time.Millisecond
@@ -68,6 +72,7 @@ type fleet struct {
 	cancel context.CancelFunc
 
 	chosen, left, passed, dropped, rescues atomic.Uint64
+	problems                               problemLog // the fleet check's alone
 }
 
 // fleetKey is the presence key of table's channel watched for queues: a
@@ -89,6 +94,7 @@ func joinFleet(l *Listener, pool *pgxpool.Pool, channel string, o options) *flee
 	f := &fleet{
 		key: fleetKey(channel, queues), room: o.room, l: l, channel: channel, queues: queues,
 		passes: make(chan string, fleetPassQueue), done: make(chan struct{}),
+		problems: problemLog{log: o.logger, remind: pollRemind},
 	}
 	f.stop = l.present(f.key)
 	ctx, cancel := context.WithCancel(context.Background())
@@ -207,6 +213,22 @@ func (f *fleet) share(p Payload, c *counters, queues map[string]bool) (Payload, 
 	return p, true // the last keeps it all: it fetches when a slot frees
 }
 
+// passExcess has n due jobs that a poll of this process found, beyond its
+// room, woken by another member: under a fresh id, to the member ranked
+// first for it, or second when that is this one.
+func (f *fleet) passExcess(n int64) {
+	key := rand.Uint64() | 1
+	rank, size := f.rank(key)
+	if rank < 0 || size < 2 {
+		return
+	}
+	hop := 0
+	if rank == 0 {
+		hop = 1
+	}
+	f.pass(key, hop, n, Payload{})
+}
+
 // chosenFor reports whether this process acts on what key stands for
 // (a skip counter's value): always outside a fleet.
 func (f *fleet) chosenFor(key uint64) bool {
@@ -218,18 +240,21 @@ func (f *fleet) chosenFor(key uint64) bool {
 }
 
 // fleetCheck is the periodic look, for the watches a poolMonitor serves
-// that are in a fleet, at their fleets' members and at jobs the process
-// chosen for them did not take: one query for all of them every
-// fleetCheckEvery (and one more for the JobTables other than IHP's).
+// that are in a fleet, at their fleets' members (one query for all of them
+// every fleetMembersEvery) and, in the slots this process checks, at jobs
+// the process chosen for them did not take (one query for IHP's tables,
+// one each for other JobTables).
 type fleetCheck struct {
-	m      *poolMonitor
-	cancel context.CancelFunc
-	done   chan struct{}
+	m         *poolMonitor
+	cancel    context.CancelFunc
+	done      chan struct{}
+	refreshed time.Time // when members were last read; the loop's own
+	problems  problemLog
 }
 
 func startFleetCheck(m *poolMonitor) *fleetCheck {
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &fleetCheck{m: m, cancel: cancel, done: make(chan struct{})}
+	c := &fleetCheck{m: m, cancel: cancel, done: make(chan struct{}), problems: problemLog{log: m.l.log, remind: pollRemind}}
 	go c.run(ctx)
 	return c
 }
@@ -243,108 +268,181 @@ func (c *fleetCheck) stop() {
 
 func (c *fleetCheck) run(ctx context.Context) {
 	defer close(c.done)
-	t := time.NewTicker(fleetCheckEvery)
-	defer t.Stop()
 	for {
-		c.check(ctx)
+		c.check(ctx, time.Now())
+		// The next slot's start on the clock, plus a margin: members on
+		// clocks a little apart agree on the slot.
+		now := time.Now()
+		next := now.Truncate(fleetCheckEvery).Add(fleetCheckEvery + fleetSlotMargin)
+		t := time.NewTimer(next.Sub(now))
 		select {
 		case <-ctx.Done():
+			t.Stop()
 			return
 		case <-t.C:
 		}
 	}
 }
 
-// fleetMembersCTE are the sessions that hold a presence lock in this
-// database: the lock's key, the session's pid and role.
-const fleetMembersCTE = `WITH m AS (
-	SELECT l.classid::pg_catalog.int8 AS k, l.pid, a.usesysid
-	  FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid
+// The fleet check's rhythm. Every fleetMembersEvery each process reads its
+// fleets' members. In each fleetCheckEvery slot of the clock, the
+// fleetCheckers members ranked first for the slot (and a process that is
+// not a member) look for jobs left behind: a fleet's cost does not grow
+// with its size, and a slot whose first checker is stopped still has
+// others.
+const (
+	fleetMembersEvery = time.Second
+	fleetCheckers     = 3
+	fleetSlotMargin   = 100 * time.Millisecond
+)
+
+// checker reports whether this process looks for jobs left behind in slot.
+func (f *fleet) checker(slot int64) bool {
+	rank, _ := f.rank(fleetScore(uint64(slot), f.key))
+	return rank < fleetCheckers
+}
+
+// fleetMembersSQL is a query of the members of the presence keys $1 of
+// the tables $2, one array each: the sessions that hold a key's lock in
+// this database whose role may UPDATE its table. Roles are looked up once
+// for all the members.
+const fleetMembersSQL = `WITH m AS (
+	SELECT l.classid::pg_catalog.int8 AS k, l.pid, (SELECT a.usesysid FROM pg_catalog.pg_stat_get_activity(l.pid) a) AS r
+	  FROM pg_catalog.pg_locks l
 	 WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.granted
 	   AND l.objid::pg_catalog.int8 OPERATOR(pg_catalog.=) l.pid
-	   AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database()))`
-
-// fleetMembersSQL are the members of key: sessions holding its presence
-// lock whose role may UPDATE table (a regclass literal's text).
-func fleetMembersSQL(key int32, table string) string {
-	return `ARRAY(SELECT m.pid FROM m WHERE m.k OPERATOR(pg_catalog.=) ` + strconv.Itoa(int(key)) +
-		` AND pg_catalog.has_table_privilege(m.usesysid, pg_catalog.to_regclass(` + quoteLiteral(table) + `), 'UPDATE') ORDER BY 1)`
-}
+	   AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
+	   AND l.classid::pg_catalog.int8 OPERATOR(pg_catalog.=) ANY ($1::pg_catalog.int8[])),
+roles AS (SELECT DISTINCT m.r FROM m),
+allowed AS (
+	SELECT t.k, roles.r FROM roles, ROWS FROM (pg_catalog.unnest($1::pg_catalog.int8[]), pg_catalog.unnest($2::pg_catalog.text[])) AS t(k, tbl)
+	 WHERE pg_catalog.has_table_privilege(roles.r, pg_catalog.to_regclass(t.tbl), 'UPDATE'))
+SELECT ARRAY(SELECT m.pid FROM m JOIN allowed a ON a.k OPERATOR(pg_catalog.=) m.k AND a.r OPERATOR(pg_catalog.=) m.r
+	WHERE m.k OPERATOR(pg_catalog.=) t.k ORDER BY 1)
+  FROM pg_catalog.unnest($1::pg_catalog.int8[]) WITH ORDINALITY AS t(k, i) ORDER BY t.i`
 
 // staleMark is the SQL for fleetStale, the age of a job that its chosen
 // process did not take.
 var staleMark = `pg_catalog.now() OPERATOR(pg_catalog.-) '` + strconv.Itoa(int(fleetStale/time.Millisecond)) + ` ms'::pg_catalog.interval`
 
-// check reads every fleet's members and its jobs left behind, and wakes
-// the watches that have room for these.
-func (c *fleetCheck) check(ctx context.Context) {
-	var ihp, custom []*Poller
+// check reads the fleets' members when they are due, and in the slots
+// this process checks, the jobs left behind, and wakes for these.
+func (c *fleetCheck) check(ctx context.Context, now time.Time) {
+	var fleets []*Poller
 	for _, p := range c.m.members() {
-		switch {
-		case p.fleet == nil:
-		case p.names.custom():
-			custom = append(custom, p)
-		default:
-			ihp = append(ihp, p)
+		if p.fleet != nil {
+			fleets = append(fleets, p)
 		}
 	}
-	if len(ihp)+len(custom) == 0 {
+	if len(fleets) == 0 {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fleetCheckEvery)
 	defer cancel()
-	var cols []string
-	for _, p := range ihp {
-		cols = append(cols, fleetMembersSQL(p.fleet.key, p.names.table.quoted()),
-			`(SELECT count(*) FROM (SELECT 1 FROM `+p.names.table.quoted()+` WHERE `+pendingNow+` AND run_at <= `+staleMark+
-				` LIMIT `+strconv.Itoa(p.stats.capacity())+`) s)`)
+	if now.Sub(c.refreshed) >= fleetMembersEvery {
+		c.refreshed = now
+		c.readMembers(ctx, fleets)
 	}
-	for _, p := range custom {
-		cols = append(cols, fleetMembersSQL(p.fleet.key, p.names.table.quoted()), "0")
-	}
-	c.m.l.stats.queries.Add(1)
-	members := make([][]int32, len(cols)/2)
-	stale := make([]int64, len(cols)/2)
-	dest := make([]any, 0, len(cols))
-	for i := range members {
-		dest = append(dest, &members[i], &stale[i])
-	}
-	if err := c.m.pool.QueryRow(ctx, fleetMembersCTE+` SELECT `+strings.Join(cols, ", "), nil...).Scan(dest...); err != nil {
-		return // the polls report the server's trouble
-	}
-	for i, p := range custom {
-		if n, ok := customStale(ctx, p); ok {
-			stale[len(ihp)+i] = n
+	slot := now.UnixMilli() / fleetCheckEvery.Milliseconds()
+	var ihp []*Poller
+	for _, p := range fleets {
+		switch {
+		case !p.fleet.checker(slot):
+		case p.names.custom():
+			if n, ok := customLeftBehind(ctx, p); ok && n > 0 {
+				p.rescue(n)
+			}
+		default:
+			ihp = append(ihp, p)
 		}
 	}
-	for i, p := range append(ihp, custom...) {
-		p.fleet.members.Store(members[i])
-		if stale[i] > 0 {
-			p.rescue(stale[i])
+	if len(ihp) == 0 {
+		return
+	}
+	cols := make([]string, len(ihp))
+	counts := make([]int64, len(ihp))
+	dest := make([]any, len(ihp))
+	for i, p := range ihp {
+		cols[i] = `(SELECT count(*) FROM (SELECT 1 FROM ` + p.names.table.quoted() + ` WHERE ` + pendingNow +
+			` AND run_at <= ` + staleMark + ` LIMIT ` + strconv.Itoa(p.stats.capacity()) + `) s)`
+		dest[i] = &counts[i]
+	}
+	c.m.l.stats.queries.Add(1)
+	if c.m.pool.QueryRow(ctx, `SELECT `+strings.Join(cols, ", ")).Scan(dest...) != nil {
+		return // the polls report the server's trouble
+	}
+	for i, p := range ihp {
+		if counts[i] > 0 {
+			p.rescue(counts[i])
 		}
 	}
 }
 
-// customStale counts, for a JobTable other than IHP's, the jobs due for
-// fleetStale and still pending (none for a table whose RunAt is NULL).
-func customStale(ctx context.Context, p *Poller) (int64, bool) {
+// readMembers reads the members of the fleets of ps, in one query.
+func (c *fleetCheck) readMembers(ctx context.Context, ps []*Poller) {
+	keys := make([]int64, len(ps))
+	tables := make([]string, len(ps))
+	for i, p := range ps {
+		keys[i], tables[i] = int64(p.fleet.key), p.names.table.quoted()
+	}
+	c.m.l.stats.queries.Add(1)
+	members := make([][]int32, 0, len(ps))
+	rows, err := c.m.pool.Query(ctx, fleetMembersSQL, keys, tables)
+	if err == nil {
+		for rows.Next() {
+			var ms []int32
+			if err = rows.Scan(&ms); err != nil {
+				break
+			}
+			members = append(members, ms)
+		}
+		rows.Close()
+		if err == nil {
+			err = rows.Err()
+		}
+	}
+	if err != nil || len(members) != len(ps) {
+		// Members keep the last list they read: a member that is gone
+		// meanwhile leaves its jobs to the rescue.
+		c.problems.report(slog.LevelWarn, "members", "jobwatch: cannot read the fleet's members; the last list read stands",
+			"error", err)
+		return
+	}
+	c.problems.clear("jobwatch: the fleet's members can be read again")
+	st, _ := c.m.l.connection()
+	for i, p := range ps {
+		p.fleet.members.Store(members[i])
+		if st.refused[p.fleet.key] {
+			p.fleet.problems.report(slog.LevelWarn, "refused",
+				"jobwatch: another session holds this Listener's fleet lock: this process is woken for every job of the table, as without WithFleet",
+				"table", p.names.table.raw, "pid", st.pid)
+		}
+	}
+}
+
+// customLeftBehind counts, for a JobTable other than IHP's, the jobs due
+// for fleetStale and still pending (none whose RunAt is NULL).
+func customLeftBehind(ctx context.Context, p *Poller) (int64, bool) {
 	d, err := p.shape.get(ctx, p.pool, p.names)
 	if err != nil {
 		return 0, false
 	}
-	where := customWhere(p.names, d, p.opts.queues) + ` AND ` + jobExprs(p.names.job).dueAt + ` <= ` + staleMark
 	var n int64
 	p.stats.queries.Add(1)
+	where := customWhere(p.names, d, p.opts.queues) + ` AND ` + jobExprs(p.names.job).dueAt + ` <= ` + staleMark
 	err = queryPinned(ctx, p.pool, `SELECT count(*) FROM (SELECT 1 FROM `+d.table+` j WHERE `+where+
 		` LIMIT `+strconv.Itoa(p.stats.capacity())+`) s`, &n)
 	return n, err == nil
 }
 
 // rescue wakes the watch for n jobs that the process chosen for them did
-// not take, as far as it has room.
+// not take, as far as it has room, and passes the rest on.
 func (p *Poller) rescue(n int64) {
 	p.post(func() {
 		take := min(n, p.fleet.roomFor(p.stats))
+		if take < n {
+			p.fleet.passExcess(n - take)
+		}
 		if take > 0 {
 			p.fleet.rescues.Add(uint64(take))
 			p.stats.wake(take, causeRescue)

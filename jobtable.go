@@ -318,8 +318,8 @@ func jobExprs(t JobTable) exprs {
 }
 
 // customPollSQL is the poll's query for a JobTable other than IHP's: the
-// due jobs, counted up to limit, the seconds until the earliest one due
-// later, and the server's clock; with queues, only those queues' jobs.
+// due jobs, counted up to limit, when the earliest one due later is due,
+// and the server's clock (both in seconds since 1970); with queues, only those queues' jobs.
 // It has no parameters (queryPinned sends it as text), and runs on a
 // pinned search_path.
 func customPollSQL(n names, d described, queues []string, limit int) string {
@@ -327,7 +327,7 @@ func customPollSQL(n names, d described, queues []string, limit int) string {
 	where := customWhere(n, d, queues)
 	table := d.table
 	return `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` j WHERE ` + where + ` AND (` + e.dueNow + `) LIMIT ` + strconv.Itoa(limit) + `) p),
-		(SELECT extract(epoch FROM min(` + e.dueAt + `) - now())::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
+		(SELECT extract(epoch FROM min(` + e.dueAt + `))::float8 FROM ` + table + ` j WHERE ` + where + ` AND ` + e.dueLater + `),
 		extract(epoch FROM clock_timestamp())::float8`
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"strconv"
 	"sync"
@@ -172,10 +173,11 @@ func newPoller(pool *pgxpool.Pool, n names, sh *shape, interval time.Duration, o
 	if !n.custom() {
 		// The limit is the channel's capacity, a constant, so the statement
 		// has no parameter and its plan is made once per connection. The
-		// server's clock comes along, to place "at:" times on ours.
+		// earliest time a job is due later, and the server's clock, to
+		// place it and "at:" times on ours.
 		p.query = `SELECT (SELECT count(*) FROM (SELECT 1 FROM ` + table + ` WHERE ` + pendingNow +
 			` LIMIT ` + strconv.Itoa(stats.capacity()) + `) p),
-		(SELECT extract(epoch FROM min(run_at) - now())::float8 FROM ` + table + ` WHERE ` + pendingLater + `),
+		(SELECT extract(epoch FROM min(run_at))::float8 FROM ` + table + ` WHERE ` + pendingLater + `),
 		extract(epoch FROM clock_timestamp())::float8`
 	}
 	p.sched = schedule{interval: interval, jitter: p.jitter}
@@ -465,11 +467,22 @@ func (p *Poller) poll(trailOnly, recheck bool, cause wakeCause) {
 		cause = causeGate
 	}
 	if !trailOnly || skipped {
-		p.stats.wake(min(count, p.stats.room()), cause)
+		room := p.stats.room()
+		if p.fleet != nil {
+			room = p.fleet.roomFor(p.stats)
+			// What a poll that one process makes for the fleet finds
+			// beyond this one's room goes to another member.
+			if count > room && (cause == causeGate || cause == causeScheduled) {
+				p.fleet.passExcess(count - room)
+			}
+		}
+		p.stats.wake(min(count, room), cause)
 		p.wokeFor(count, recheck)
 	}
-	if next != nil {
-		earlier(&p.sched.scheduled, time.Now().Add(seconds(*next)))
+	// In a fleet, the member chosen for that time polls then: every
+	// member's polls find it.
+	if next != nil && p.fleet.chosenFor(math.Float64bits(*next)) {
+		earlier(&p.sched.scheduled, time.Now().Add(seconds(*next-server)))
 	}
 }
 

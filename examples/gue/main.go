@@ -25,6 +25,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -116,9 +117,12 @@ func run(ctx context.Context, queue string, concurrency, enqueue, enqueueLater i
 func work(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, worker *gue.Worker,
 	queue string, concurrency int, pollInterval time.Duration, started func(*jobwatch.Watch)) error {
 	wake := make(chan jobwatch.Message, concurrency)
+	var busy atomic.Int64 // slots in use
 	watch, err := jobwatch.WatchForJob(ctx, pool, listener, "gue_jobs", pollInterval, wake,
 		jobwatch.WithJobTable(jobwatch.JobTable{RunAt: "run_at", Queue: "queue"}),
-		jobwatch.WithQueues(queue), jobwatch.WithClockSkew(time.Second))
+		jobwatch.WithQueues(queue), jobwatch.WithClockSkew(time.Second),
+		// Several processes share the wake-ups: one woken per job.
+		jobwatch.WithFleet(func() int { return concurrency - int(busy.Load()) }))
 	if err != nil {
 		return err
 	}
@@ -133,7 +137,9 @@ func work(ctx context.Context, pool *pgxpool.Pool, listener *jobwatch.Listener, 
 			return nil
 		case <-wake:
 		}
+		busy.Add(1)
 		running.Go(func() error {
+			defer busy.Add(-1)
 			// Not ctx: a job cut short by Ctrl-C would roll back and run again.
 			for ctx.Err() == nil && worker.WorkOne(context.WithoutCancel(ctx)) {
 			}
