@@ -245,16 +245,22 @@ func (f *fleet) chosenFor(key uint64) bool {
 // the process chosen for them did not take (one query for IHP's tables,
 // one each for other JobTables).
 type fleetCheck struct {
-	m         *poolMonitor
-	cancel    context.CancelFunc
-	done      chan struct{}
-	refreshed time.Time // when members were last read; the loop's own
+	m      *poolMonitor
+	cancel context.CancelFunc
+	done   chan struct{}
+	// The loop's own: when members were last read, and the wait until the
+	// next read, fleetMembersEvery doubling to fleetMembersMax while no
+	// list changes.
+	refreshed time.Time
+	every     backoff
+	wait      time.Duration
 	problems  problemLog
 }
 
 func startFleetCheck(m *poolMonitor) *fleetCheck {
 	ctx, cancel := context.WithCancel(context.Background())
-	c := &fleetCheck{m: m, cancel: cancel, done: make(chan struct{}), problems: problemLog{log: m.l.log, remind: pollRemind}}
+	c := &fleetCheck{m: m, cancel: cancel, done: make(chan struct{}), problems: problemLog{log: m.l.log, remind: pollRemind},
+		every: backoff{min: fleetMembersEvery, max: fleetMembersMax}}
 	go c.run(ctx)
 	return c
 }
@@ -284,21 +290,31 @@ func (c *fleetCheck) run(ctx context.Context) {
 	}
 }
 
-// The fleet check's rhythm. Every fleetMembersEvery each process reads its
-// fleets' members. In each fleetCheckEvery slot of the clock, the
+// The fleet check's rhythm. Each process reads its fleets' members every
+// fleetMembersEvery, doubling to fleetMembersMax while they stay the same
+// (pg_locks holds the lock manager for a moment), back to
+// fleetMembersEvery when a list changes or lacks the process itself. A
+// member that joined is seen late only by those reading slowly, and until
+// then a job may be fetched twice (a newcomer ranked first changes no one
+// else's choice: rendezvous hashing); one that left is replaced by the
+// rescue meanwhile. In each fleetCheckEvery slot of the clock, the
 // fleetCheckers members ranked first for the slot (and a process that is
 // not a member) look for jobs left behind: a fleet's cost does not grow
 // with its size, and a slot whose first checker is stopped still has
 // others.
 const (
 	fleetMembersEvery = time.Second
+	fleetMembersMax   = 8 * time.Second
 	fleetCheckers     = 3
 	fleetSlotMargin   = 100 * time.Millisecond
 )
 
 // checker reports whether this process looks for jobs left behind in slot.
+// The ranking is the slot's alone, so that a process that is a checker of
+// one table's fleet is one of every table's with the same members, and
+// sends one query for all of them.
 func (f *fleet) checker(slot int64) bool {
-	rank, _ := f.rank(fleetScore(uint64(slot), f.key))
+	rank, _ := f.rank(uint64(slot))
 	return rank < fleetCheckers
 }
 
@@ -307,8 +323,8 @@ func (f *fleet) checker(slot int64) bool {
 // this database whose role may UPDATE its table. Roles are looked up once
 // for all the members.
 const fleetMembersSQL = `WITH m AS (
-	SELECT l.classid::pg_catalog.int8 AS k, l.pid, (SELECT a.usesysid FROM pg_catalog.pg_stat_get_activity(l.pid) a) AS r
-	  FROM pg_catalog.pg_locks l
+	SELECT l.classid::pg_catalog.int8 AS k, l.pid, a.usesysid AS r
+	  FROM pg_catalog.pg_locks l JOIN pg_catalog.pg_stat_get_activity(NULL) a ON a.pid OPERATOR(pg_catalog.=) l.pid
 	 WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.granted
 	   AND l.objid::pg_catalog.int8 OPERATOR(pg_catalog.=) l.pid
 	   AND l.database OPERATOR(pg_catalog.=) (SELECT oid FROM pg_catalog.pg_database WHERE datname OPERATOR(pg_catalog.=) pg_catalog.current_database())
@@ -339,9 +355,12 @@ func (c *fleetCheck) check(ctx context.Context, now time.Time) {
 	}
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), fleetCheckEvery)
 	defer cancel()
-	if now.Sub(c.refreshed) >= fleetMembersEvery {
+	if c.refreshed.IsZero() || now.Sub(c.refreshed) >= c.wait {
 		c.refreshed = now
-		c.readMembers(ctx, fleets)
+		if c.readMembers(ctx, fleets) {
+			c.every.reset()
+		}
+		c.wait = c.every.delay()
 	}
 	slot := now.UnixMilli() / fleetCheckEvery.Milliseconds()
 	var ihp []*Poller
@@ -378,8 +397,10 @@ func (c *fleetCheck) check(ctx context.Context, now time.Time) {
 	}
 }
 
-// readMembers reads the members of the fleets of ps, in one query.
-func (c *fleetCheck) readMembers(ctx context.Context, ps []*Poller) {
+// readMembers reads the members of the fleets of ps, in one query, and
+// reports whether a list is new, changed, or lacks this process (its own
+// member is not seen yet): then members are read again soon.
+func (c *fleetCheck) readMembers(ctx context.Context, ps []*Poller) (changed bool) {
 	keys := make([]int64, len(ps))
 	tables := make([]string, len(ps))
 	for i, p := range ps {
@@ -406,11 +427,15 @@ func (c *fleetCheck) readMembers(ctx context.Context, ps []*Poller) {
 		// meanwhile leaves its jobs to the rescue.
 		c.problems.report(slog.LevelWarn, "members", "jobwatch: cannot read the fleet's members; the last list read stands",
 			"error", err)
-		return
+		return true
 	}
 	c.problems.clear("jobwatch: the fleet's members can be read again")
 	st, _ := c.m.l.connection()
 	for i, p := range ps {
+		old, _ := p.fleet.members.Load().([]int32)
+		if old == nil || !slices.Equal(old, members[i]) || !slices.Contains(members[i], int32(st.pid)) {
+			changed = true
+		}
 		p.fleet.members.Store(members[i])
 		if st.refused[p.fleet.key] {
 			p.fleet.problems.report(slog.LevelWarn, "refused",
@@ -418,6 +443,7 @@ func (c *fleetCheck) readMembers(ctx context.Context, ps []*Poller) {
 				"table", p.names.table.raw, "pid", st.pid)
 		}
 	}
+	return changed
 }
 
 // customLeftBehind counts, for a JobTable other than IHP's, the jobs due
@@ -449,3 +475,4 @@ func (p *Poller) rescue(n int64) {
 		}
 	})
 }
+

@@ -330,3 +330,46 @@ func TestExampleWorker(t *testing.T) {
 	assert.Equal(t, 0, d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_running'"), "started jobs were recorded")
 	assert.Less(t, d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_succeeded'"), 45, "it stopped fetching")
 }
+
+// TestFleetProcesses: runner processes with -fleet (WithFleet); one is
+// killed (SIGKILL) and one stopped (SIGSTOP) before the jobs come. Every
+// job runs once: the killed one's lock went with its session, and the
+// jobs chosen for the stopped one, still a member, are rescued.
+func TestFleetProcesses(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	bin := buildWorker(t)
+	url := d.with(t, "pool_max_conns", "2")
+	var procs []*workerProc
+	for range 4 {
+		procs = append(procs, startWorkerProc(t, bin, url, "-table", "jobs", "-concurrency", "1",
+			"-job-duration", "0", "-fail-rate", "0", "-poll", "1h", "-fleet"))
+	}
+	for _, p := range procs {
+		eventually(t, "worker started", func() bool { return p.has("worker started") })
+	}
+	presence := `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 2 AND objid::int8 = pid
+		AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`
+	eventually(t, "every process holds its presence lock", func() bool { return d.count(t, presence) == 4 })
+	require.NoError(t, procs[0].cmd.Process.Signal(syscall.SIGKILL))
+	<-procs[0].exited
+	require.NoError(t, procs[1].cmd.Process.Signal(syscall.SIGSTOP))
+	eventually(t, "the killed process's lock is gone", func() bool { return d.count(t, presence) == 3 })
+	const jobs = 40
+	for range jobs {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+	}
+	eventually(t, "every job done", func() bool {
+		return d.count(t, "SELECT count(*) FROM jobs WHERE status = 'job_status_succeeded'") == jobs
+	})
+	assert.Equal(t, 0, d.count(t, "SELECT count(*) FROM jobs WHERE attempts_count <> 1"), "each job ran once")
+	require.NoError(t, procs[1].cmd.Process.Signal(syscall.SIGCONT))
+	fetches := 0
+	for _, p := range procs[1:] {
+		require.NoError(t, p.cmd.Process.Signal(syscall.SIGTERM))
+		assert.Equal(t, 0, p.waitExit(t))
+		fetches += p.counter(t, "fetches")
+	}
+	assert.Zero(t, procs[1].counter(t, "ran"), "the stopped process ran nothing")
+	t.Logf("%d jobs, %d fetch queries by the three processes left", jobs, fetches)
+}
