@@ -475,4 +475,3 @@ func (p *Poller) rescue(n int64) {
 		}
 	})
 }
-
