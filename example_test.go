@@ -227,3 +227,50 @@ func ExampleDropNotificationTriggerSQL() {
 	fmt.Println("triggers, functions and counters left:", left)
 	// Output: triggers, functions and counters left: 0
 }
+
+func ExampleWithFleet() {
+	dsn, pool, done := exampleDB()
+	defer done()
+	ctx := context.Background()
+	// Two processes' worth, each with its Listener, slots and watch.
+	var watches []*jobwatch.Watch
+	var wakes []chan jobwatch.Message
+	for range 2 {
+		listener, err := jobwatch.NewListener(dsn)
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer listener.Close()
+		slots := make(chan struct{}, 4) // a slot per running job
+		wake := make(chan jobwatch.Message, 4)
+		watch, err := jobwatch.WatchForJob(ctx, pool, listener, "jobs", time.Minute, wake,
+			jobwatch.WithFleet(func() int { return cap(slots) - len(slots) }))
+		if err != nil {
+			log.Fatal(err)
+		}
+		defer watch.Close()
+		watches, wakes = append(watches, watch), append(wakes, wake)
+	}
+	for _, w := range watches { // until each sees both members
+		for w.Stats().Fleet.Members < 2 || w.Stats().Polls < 1 {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	if _, err := pool.Exec(ctx, "INSERT INTO jobs DEFAULT VALUES"); err != nil {
+		log.Fatal(err)
+	}
+	chosen := 0
+	for i, w := range watches {
+		for w.Stats().Notifications < 1 {
+			time.Sleep(10 * time.Millisecond)
+		}
+		if w.Stats().Fleet.Chosen > 0 {
+			chosen++
+			fmt.Println(<-wakes[i]) // this process fetches the job
+		}
+	}
+	fmt.Println("processes woken:", chosen)
+	// Output:
+	// JobAvailable
+	// processes woken: 1
+}

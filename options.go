@@ -237,17 +237,18 @@ func WithClockSkew(max time.Duration) Option {
 //
 // room, when not nil, says how many more jobs the caller can start now
 // (its free slots); the wake channel's own room counts too. It is called
-// on the Listener's delivery goroutine for each notification the process
+// from jobwatch's goroutines for each notification the process
 // is chosen for, so it must return at once, typically len and cap of a
 // semaphore channel. A process chosen for more jobs than it has room for
 // passes the rest to the next process.
 //
 // Membership is the Listener's: its connection holds an advisory lock
 // that pg_locks shows, and only sessions whose role may UPDATE the table
-// count. A chosen process that is killed, stalled or cut off leaves its
-// jobs to the others: every member checks every 500ms for jobs due for
-// 250ms that no one took, and those with room wake for them. Each process
-// sends that check, one query for all its tables, every 500ms.
+// count. A chosen process that is killed, stopped or cut off leaves its
+// jobs to the others: in every 500ms slot, three members look for jobs
+// due for 250ms that no one took, and wake for them, so such a job waits
+// about 750ms at most. Each process reads the members every 1s to 8s, and
+// checks in its slots: one query each for all its tables.
 // docs/many-workers.md has the design and the figures.
 //
 // For a JobTable other than IHP's, the table needs a RunAt column (that

@@ -16,7 +16,7 @@
 // jobwatch.delivery.round_trip (s), jobwatch.notify_queue.usage, and, with a
 // jobwatch.table attribute, jobwatch.notifications,
 // jobwatch.notifications.working, jobwatch.wakeups (with jobwatch.cause:
-// notification, poll, scheduled, gate, reconnect), jobwatch.wakeups.dropped,
+// notification, poll, scheduled, gate, reconnect, rescue), jobwatch.wakeups.dropped,
 // jobwatch.polls, jobwatch.poll.errors, jobwatch.poll.time (s),
 // jobwatch.poll.interval (s), jobwatch.queries and
 // jobwatch.trigger.repairs.
@@ -151,7 +151,7 @@ func (m *Metrics) observe(o metric.Observer, in instruments) {
 		o.ObserveFloat64(in.notifications, float64(s.Notifications), table)
 		o.ObserveFloat64(in.working, boolValue(s.NotificationsWorking), table)
 		for cause, n := range map[string]uint64{"notification": s.Wakeups.Notification, "poll": s.Wakeups.Poll,
-			"scheduled": s.Wakeups.Scheduled, "gate": s.Wakeups.Gate, "reconnect": s.Wakeups.Reconnect} {
+			"scheduled": s.Wakeups.Scheduled, "gate": s.Wakeups.Gate, "reconnect": s.Wakeups.Reconnect, "rescue": s.Wakeups.Rescue} {
 			o.ObserveFloat64(in.wakeups, float64(n), metric.WithAttributes(
 				attribute.String("jobwatch.table", w.Table()), attribute.String("jobwatch.cause", cause)))
 		}

@@ -19,7 +19,7 @@
 //	notify_queue_usage_ratio           the server's notification queue in use, 0 to 1
 //	notifications_total                notifications on the table's channel
 //	notifications_working              1 while the watch relies on notifications (0: it polls at its fallback interval)
-//	wakeups_total{cause}               JobAvailable sent: notification, poll, scheduled, gate, reconnect
+//	wakeups_total{cause}               JobAvailable sent: notification, poll, scheduled, gate, reconnect, rescue
 //	wakeups_dropped_total              JobAvailable dropped, the channel full
 //	polls_total, poll_errors_total     polls run, and those that failed
 //	poll_seconds_total                 time in poll queries
@@ -129,7 +129,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		counter(notifications, float64(s.Notifications), t)
 		gauge(notificationsWorking, boolValue(s.NotificationsWorking), t)
 		for cause, n := range map[string]uint64{"notification": s.Wakeups.Notification, "poll": s.Wakeups.Poll,
-			"scheduled": s.Wakeups.Scheduled, "gate": s.Wakeups.Gate, "reconnect": s.Wakeups.Reconnect} {
+			"scheduled": s.Wakeups.Scheduled, "gate": s.Wakeups.Gate, "reconnect": s.Wakeups.Reconnect, "rescue": s.Wakeups.Rescue} {
 			counter(wakeups, float64(n), t, cause)
 		}
 		counter(wakeupsDropped, float64(s.WakeupsDropped), t)
