@@ -110,6 +110,17 @@ func fleetTable(t *testing.T, d db, table string) {
 		locked_by uuid, locked_at timestamptz, run_at timestamptz NOT NULL DEFAULT now(), created_at timestamptz NOT NULL DEFAULT now())`)
 }
 
+// insertOneByOne inserts n jobs into jobs, each once the one before was
+// fetched.
+func insertOneByOne(t *testing.T, d db, n int) {
+	t.Helper()
+	before := fetched(t, d, "jobs")
+	for i := range n {
+		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
+		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == before+i+1 })
+	}
+}
+
 // fetched is how many jobs of table have been fetched.
 func fetched(t *testing.T, d db, table string) int {
 	var n int
@@ -131,10 +142,7 @@ func TestFleetOneWakePerJob(t *testing.T) {
 		before += m.fetches.Load()
 	}
 	const jobs = 100
-	for i := range jobs {
-		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
-		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
-	}
+	insertOneByOne(t, d, jobs)
 	var fetches, left, chosen int64
 	spread := 0
 	for _, m := range ms {
@@ -167,10 +175,7 @@ func TestFleetBusyChosen(t *testing.T) {
 	ms := startFleet(t, d, "jobs", 3, logger)
 	ms[0].busy.Store(true)
 	const jobs = 30
-	for i := range jobs {
-		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
-		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
-	}
+	insertOneByOne(t, d, jobs)
 	s := ms[0].w.Stats()
 	assert.Zero(t, ms[0].got.Load(), "the busy member fetched nothing")
 	assert.Positive(t, s.Fleet.Passed, "it was chosen for some and passed them on")
@@ -190,10 +195,7 @@ func TestFleetStalledChosen(t *testing.T) {
 	ms := startFleet(t, d, "jobs", 2, logger)
 	ms[0].paused.Store(true)
 	const jobs = 10
-	for i := range jobs {
-		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
-		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
-	}
+	insertOneByOne(t, d, jobs)
 	assert.Positive(t, ms[1].w.Stats().Wakeups.Rescue, "the stalled member's jobs were rescued")
 	var late time.Duration
 	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT coalesce(max(locked_at - created_at), '0') FROM jobs`).Scan(&late))
@@ -262,10 +264,7 @@ func TestFleetAnotherRole(t *testing.T) {
 	eventually(t, "three more checks", func() bool { return ms[0].l.Stats().Queries >= checks+6 })
 	assert.Equal(t, 2, ms[0].w.Stats().Fleet.Members, "only the two members count")
 	const jobs = 30
-	for i := range jobs {
-		d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
-		eventually(t, "the job fetched", func() bool { return fetched(t, d, "jobs") == i+1 })
-	}
+	insertOneByOne(t, d, jobs)
 	for _, m := range ms {
 		assert.Zero(t, m.w.Stats().Wakeups.Rescue, "no job waited for the rescue")
 	}
