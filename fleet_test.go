@@ -280,3 +280,20 @@ func fleetKey(t *testing.T, d db) int32 {
 		WHERE locktype = 'advisory' AND objsubid = 2 AND objid::int8 = pid AND database = (SELECT oid FROM pg_database WHERE datname = current_database())`).Scan(&key))
 	return int32(key)
 }
+
+// TestFleetOptionRefused: WithFleet applies to watches only, and needs a
+// RunAt column to find the jobs a failed process left behind.
+func TestFleetOptionRefused(t *testing.T) {
+	t.Parallel()
+	d := newDB(t)
+	fleetTable(t, d, "jobs")
+	l := testListener(t, d.url)
+	wake := make(chan jobwatch.Message, 1)
+	_, err := jobwatch.WatchForJob(ctxT(t), d.pool, l, "jobs", time.Hour, wake,
+		jobwatch.WithJobTable(jobwatch.JobTable{Pending: "status = 'job_status_not_started'"}), jobwatch.WithFleet(nil))
+	require.ErrorIs(t, err, jobwatch.ErrInvalidOption)
+	assert.Contains(t, err.Error(), "WithFleet needs a JobTable with a RunAt column")
+	_, err = jobwatch.PollForJob(ctxT(t), false, d.pool, "jobs", time.Hour, wake, jobwatch.WithFleet(nil))
+	require.ErrorIs(t, err, jobwatch.ErrInvalidOption)
+	assert.Contains(t, err.Error(), "WithFleet does not apply")
+}
