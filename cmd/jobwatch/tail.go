@@ -100,7 +100,7 @@ func tailCommand(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		}
 		mu.Lock()
 		defer mu.Unlock()
-		fmt.Fprintf(stdout, "%s  %-12q %s\n", time.Now().UTC().Format("2006-01-02T15:04:05.000Z"), n.Payload, p)
+		fmt.Fprintf(stdout, "%s  %-24q %s\n", time.Now().UTC().Format("2006-01-02T15:04:05.000Z"), n.Payload, p)
 	}); err != nil {
 		fail(stderr, "tail", err)
 		return exitError
