@@ -19,11 +19,12 @@ import (
 //
 // Members. Each member's Listener holds, on its own connection, the
 // presence lock of the fleet's key (see present): the table's channel and
-// the watch's queues. Every fleetCheckEvery, the poolMonitor of each
-// Listener and pool reads the holders from pg_locks, keeping those whose
-// role may UPDATE the table: a session of another role can hold any
-// advisory lock, but cannot become a member. A process that dies takes
-// its lock with its session, and is gone from the next check.
+// the watch's queues. The fleet check of each Listener and pool reads the
+// holders from pg_locks (every fleetMembersEvery, doubling to
+// fleetMembersMax while nothing changes), keeping those whose role may
+// UPDATE the table: a session of another role can hold any advisory lock,
+// but cannot become a member. A process that dies takes its lock with its
+// session, and is gone from the next read.
 //
 // Ranking. Every trigger's notification carries its transaction's id
 // ("x:<xid>"), the same for every receiver. Each member ranks the members
