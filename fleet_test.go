@@ -143,6 +143,15 @@ func TestFleetOneWakePerJob(t *testing.T) {
 	}
 	const jobs = 100
 	insertOneByOne(t, d, jobs)
+	// The chosen member may fetch the last job before the others have
+	// read its notification and counted it as left to another.
+	leftAll := func() (n int64) {
+		for _, m := range ms {
+			n += int64(m.w.Stats().Fleet.Left)
+		}
+		return n
+	}
+	eventually(t, "every member read every notification", func() bool { return leftAll() >= 3*jobs })
 	var fetches, left, chosen int64
 	spread := 0
 	for _, m := range ms {
