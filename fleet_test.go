@@ -203,8 +203,12 @@ func TestFleetStalledChosen(t *testing.T) {
 	fleetTable(t, d, "jobs")
 	ms := startFleet(t, d, "jobs", 2, logger)
 	ms[0].paused.Store(true)
-	const jobs = 10
-	insertOneByOne(t, d, jobs)
+	// Jobs one at a time until one was chosen for the stalled member
+	// (each is, one time in two).
+	for i := 0; ms[0].w.Stats().Fleet.Chosen == 0; i++ {
+		require.Less(t, i, 60, "the stalled member chosen for one of 60 jobs")
+		insertOneByOne(t, d, 1)
+	}
 	assert.Positive(t, ms[1].w.Stats().Wakeups.Rescue, "the stalled member's jobs were rescued")
 	var late time.Duration
 	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT coalesce(max(locked_at - created_at), '0') FROM jobs`).Scan(&late))
