@@ -40,6 +40,11 @@ func newPool(t *testing.T, url string) *pgxpool.Pool {
 // happens after it decided.
 var fastCheck = jobwatch.WithDeliveryCheck(100*time.Millisecond, 500*time.Millisecond)
 
+// steadyCheck probes as often, for tests that count on no probe lost: a
+// probe late by more than fastCheck's timeout on a loaded machine is not
+// what they test.
+var steadyCheck = jobwatch.WithDeliveryCheck(100*time.Millisecond, 5*time.Second)
+
 // TestPoolThroughTransactionModePgBouncer: the pool goes through PgBouncer
 // in transaction mode (with the exec mode of docs/many-workers.md), the Listener
 // directly: installing, polling, notifying and the delivery check all
@@ -53,7 +58,7 @@ func TestPoolThroughTransactionModePgBouncer(t *testing.T) {
 	poolURL, err := pgtest.WithParam(b.URL(pgtest.TransactionMode), "default_query_exec_mode", "exec")
 	require.NoError(t, err)
 	pool := newPool(t, poolURL)
-	l := testListener(t, d.url, opt, fastCheck)
+	l := testListener(t, d.url, opt, steadyCheck)
 	w, ch, _ := d.watch(t, opt, watchSetup{listener: l, pool: pool, noTable: true})
 	require.True(t, triggersHealthy(t, pool, "jobs"), "installed through the pooler")
 
@@ -136,7 +141,7 @@ func TestListenerThroughSessionModePgBouncer(t *testing.T) {
 	d := newDB(t)
 	lg, opt := newLogs(t)
 	b := bouncer(t, d)
-	w, ch, l := startWatchWith(t, d, b.URL(pgtest.SessionMode), d.pool, opt, fastCheck)
+	w, ch, l := startWatchWith(t, d, b.URL(pgtest.SessionMode), d.pool, opt, steadyCheck)
 	d.exec(t, "INSERT INTO jobs DEFAULT VALUES")
 	waitWake(t, ch, "through the session-mode pooler")
 	eventually(t, "several probes", func() bool { return l.Stats().DeliveryProbes >= 5 })
@@ -213,7 +218,7 @@ func TestBriefDisconnectsNoFalseAlarm(t *testing.T) {
 	require.NoError(t, err)
 	t.Cleanup(func() { _ = l.Close() })
 	w, _, _ := d.watch(t, opt, watchSetup{listener: l})
-	var cut time.Time
+	cut := time.Now() // the first connection, too, lives 6s before its cut
 	for i := range 2 {
 		// A connection that lived 5s is replaced without backoff: each
 		// outage lasts a reconnect.

@@ -261,7 +261,7 @@ func ExampleWithFleet() {
 	}
 	chosen := 0
 	for i, w := range watches {
-		for w.Stats().Notifications < 1 {
+		for w.Stats().Fleet.Chosen+w.Stats().Fleet.Left < 1 { // until it has read the notification
 			time.Sleep(10 * time.Millisecond)
 		}
 		if w.Stats().Fleet.Chosen > 0 {

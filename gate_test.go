@@ -168,7 +168,9 @@ func TestIdleCostFlatInTables(t *testing.T) {
 	for _, tables := range []int{1, 20} {
 		d := newDB(t)
 		_, opt := newLogs(t)
-		l := testListener(t, d.url, opt)
+		// Without the health and delivery checks, one query each every 10s
+		// whatever the tables, which would land in one window and not the other.
+		l := testListener(t, d.url, opt, jobwatch.WithHealthCheck(0, 0), jobwatch.WithDeliveryCheck(0, 0))
 		var ws []*jobwatch.Watch
 		for i := range tables {
 			w, _, _ := d.watch(t, opt, watchSetup{table: fmt.Sprintf("jobs_%d", i), listener: l})

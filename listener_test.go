@@ -94,6 +94,8 @@ func TestSlowAndPanickingCallbacks(t *testing.T) {
 	eventually(t, "b gets everything", func() bool { return fine.len() == 50 })
 	eventually(t, "the panicking callback gets everything", func() bool { return panicked.len() == 50 })
 	assert.EqualValues(t, 1, blocked.Load(), "the blocked callback is stuck in its first call")
+	// Each panic is logged once it is recovered, after the callback counted it.
+	eventually(t, "every panic logged", func() bool { return lg.count("listener callback panicked") >= 50 })
 	assert.Equal(t, 50, lg.count("listener callback panicked"))
 	close(release)
 	eventually(t, "the blocked one catches up", func() bool { return blocked.Load() == 50 })

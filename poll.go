@@ -424,8 +424,8 @@ func (p *Poller) poll(trailOnly, recheck bool, cause wakeCause) {
 	end := time.Now()
 	// Counted once done, so that a caller who saw Polls go up knows that
 	// poll has sent its wake-ups.
+	defer p.stats.polls.Add(1)
 	p.stats.queries.Add(1)
-	p.stats.polls.Add(1)
 	p.stats.pollNanos.Add(int64(end.Sub(start)))
 	if err != nil {
 		if p.stopped() {
